@@ -1,0 +1,59 @@
+"""Command line. With no arguments (as AOG runs it) this is the plugin; otherwise a
+subcommand. Imports stay lazy: plugin mode must print its handshake line within a second."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ovms_plugin",
+                                description="Local OpenVINO inference: AOG plugin and tools.")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="model store folder (default: $OVMS_PLUGIN_MODELS or "
+                        "<AOG data dir>/engine/ovms-plugin/models)")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("plugin", help="run as an AOG plugin (what AOG does, with its environment)")
+    s = sub.add_parser("install-aog", help="lay out the AOG plugin folder")
+    s.add_argument("--plugins-dir", type=Path, default=None,
+                   help="AOG's plugins dir (default: <AOG data dir>/plugins)")
+    s = sub.add_parser("demo", help="make the built-in default model, launch the plugin as "
+                                    "AOG does and stream a chat answer")
+    s.add_argument("prompt", nargs="?", default="Write a haiku about local inference.")
+    s.add_argument("--max-tokens", type=int, default=64)
+    sub.add_parser("list", help="list installed models")
+    s = sub.add_parser("pull", help="install a model (a local folder of OpenVINO IR)")
+    s.add_argument("model")
+    s.add_argument("--name", default=None, help="name to install it under")
+    s.add_argument("--type", dest="model_type", default=None,
+                   help="service it is for: chat, generate, embed, rerank, text-to-image")
+    s = sub.add_parser("rm", help="delete an installed model")
+    s.add_argument("model")
+    s = sub.add_parser("show", help="show an installed model's manifest")
+    s.add_argument("model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        if os.environ.get("AOG_PLUGIN"):
+            args.command = "plugin"
+        else:
+            _parser().print_help(sys.stderr)
+            return 1
+    # Engine workers are started with fork+exec; gRPC's fork handlers only add log noise.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    if args.command == "plugin":
+        from ovms_plugin.aog.plugin import main as plugin_main
+        return plugin_main(args.models_dir)
+    from ovms_plugin import cli
+    return cli.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

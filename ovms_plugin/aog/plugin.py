@@ -1,0 +1,146 @@
+"""Plugin mode: what AOG launches. Checks the go-plugin handshake environment, starts the
+gRPC server on loopback, prints the handshake line, then serves until Shutdown/SIGTERM.
+
+Only light modules are imported before the handshake line; OpenVINO is imported after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ovms_plugin import engine_check, paths
+from ovms_plugin.aog import servicer
+from ovms_plugin.aog.proto import go_plugin_pb2, go_plugin_pb2_grpc
+from ovms_plugin.service.runtime import Runtime
+from ovms_plugin.store.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+COOKIE_KEY = "AOG_PLUGIN"
+COOKIE_VALUE = "aog-provider-plugin-v1"
+CORE_PROTOCOL = 1
+APP_PROTOCOL = 1
+# AOG and its built-in engines listen on these.
+RESERVED_PORTS = {9000, 16666, 16677, 16688}
+
+
+class HandshakeError(Exception):
+    pass
+
+
+def check_handshake_env(env: dict[str, str]) -> None:
+    if env.get(COOKIE_KEY) != COOKIE_VALUE:
+        raise HandshakeError(
+            "This binary is an AOG plugin and is not meant to be executed directly: AOG starts "
+            f"it with {COOKIE_KEY}={COOKIE_VALUE} in the environment. To use it, install it "
+            "with 'python -m ovms_plugin install-aog'; for the command line, run "
+            "'python -m ovms_plugin --help'.")
+    versions = env.get("PLUGIN_PROTOCOL_VERSIONS")
+    if versions and str(APP_PROTOCOL) not in versions.split(","):
+        raise HandshakeError(f"AOG asks for plugin protocol version(s) {versions}; this plugin "
+                             f"speaks version {APP_PROTOCOL}")
+
+
+class Controller(go_plugin_pb2_grpc.GRPCControllerServicer):
+    def __init__(self, shutdown: asyncio.Event) -> None:
+        self.shutdown = shutdown
+
+    async def Shutdown(self, request, context):
+        # Answer first, then stop: AOG waits 2 s for us to exit before SIGKILL.
+        asyncio.get_running_loop().call_later(0.01, self.shutdown.set)
+        return go_plugin_pb2.Empty()
+
+
+class Stdio(go_plugin_pb2_grpc.GRPCStdioServicer):
+    """go-plugin opens this after the handshake to copy the plugin's stdio; we log to stderr
+    directly, so the stream just stays open (and empty) until shutdown."""
+
+    def __init__(self, shutdown: asyncio.Event) -> None:
+        self.shutdown = shutdown
+
+    async def StreamStdio(self, request, context):
+        await self.shutdown.wait()
+        return
+        yield  # makes this a (server-streaming) async generator
+
+
+class Broker(go_plugin_pb2_grpc.GRPCBrokerServicer):
+    """go-plugin opens the broker stream and ignores its errors; AOG never brokers."""
+
+    async def StartStream(self, request_iterator, context):
+        async for _ in request_iterator:
+            pass
+        return
+        yield
+
+
+def _bind(server: grpc.aio.Server, env: dict[str, str]) -> int:
+    lo = int(env.get("PLUGIN_MIN_PORT") or 10000)
+    hi = int(env.get("PLUGIN_MAX_PORT") or 25000)
+    candidates = [p for p in range(lo, hi + 1) if p not in RESERVED_PORTS]
+    random.shuffle(candidates)
+    for port in candidates[:64]:
+        try:
+            if server.add_insecure_port(f"127.0.0.1:{port}") == port:
+                return port
+        except RuntimeError:
+            continue
+    port = server.add_insecure_port("127.0.0.1:0")  # the range is only a hint
+    if not port:
+        raise HandshakeError("could not bind a loopback port for the gRPC server")
+    return port
+
+
+async def serve(models_dir: Path | None = None, env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ if env is None else env)
+    shutdown = asyncio.Event()
+    runtime = Runtime(ModelStore(models_dir or paths.models_dir()))
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    servicer.add_to_server(servicer.ProviderServicer(runtime), server)
+    go_plugin_pb2_grpc.add_GRPCControllerServicer_to_server(Controller(shutdown), server)
+    go_plugin_pb2_grpc.add_GRPCStdioServicer_to_server(Stdio(shutdown), server)
+    go_plugin_pb2_grpc.add_GRPCBrokerServicer_to_server(Broker(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = _bind(server, env)
+    await server.start()
+    await health_servicer.set("plugin", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # The handshake line: the server already listens, and nothing was printed before it.
+    sys.stdout.write(f"{CORE_PROTOCOL}|{APP_PROTOCOL}|tcp|127.0.0.1:{port}|grpc\n")
+    sys.stdout.flush()
+    log.info("serving protocol.ProviderService on 127.0.0.1:%d (models: %s)", port,
+             runtime.store.root)
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, shutdown.set)
+    # Import OpenVINO now, in the background, so the first real call does not pay for it.
+    check = asyncio.create_task(engine_check.check())
+    await shutdown.wait()
+    log.info("shutting down")
+    runtime.kill_all()  # workers hold no state worth saving; AOG gives us 2 s in all
+    await asyncio.gather(runtime.unload_all(), server.stop(grace=0.3))
+    check.cancel()
+    return 0
+
+
+def main(models_dir: Path | None = None) -> int:
+    try:
+        check_handshake_env(dict(os.environ))
+    except HandshakeError as e:
+        sys.stderr.write(f"{e}\n")
+        return 1
+    # Ctrl-C in AOG's terminal reaches the whole process group; AOG handles it for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ovms_plugin.logs import setup_logging
+    setup_logging()
+    return asyncio.run(serve(models_dir))

@@ -1,0 +1,283 @@
+"""protocol.ProviderService for AOG: translates each RPC to the shared runtime and back.
+
+Every RPC ends with gRPC status OK; the outcome is in `code`/`message` (0 = success), as
+AOG expects. JSON goes in and out of the bytes fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import yaml
+
+from ovms_plugin import __version__, engine_check, paths
+from ovms_plugin.aog.proto import provider_pb2 as pb
+from ovms_plugin.aog.proto import provider_pb2_grpc as pb_grpc
+from ovms_plugin.service import errors, invoke
+from ovms_plugin.service.errors import ServiceError
+from ovms_plugin.service.runtime import Runtime
+from ovms_plugin.store import pull as pull_mod
+from ovms_plugin.store.store import StoreError
+
+log = logging.getLogger(__name__)
+SUCCESS = "success"
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+def _body(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw or b"{}")
+    except ValueError as e:
+        raise ServiceError(f"{what} is not valid JSON: {e}", errors.INVALID_REQUEST) from None
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event as AOG reads them: a single `data:` line, LF LF."""
+    return b"data: " + (data if isinstance(data, bytes) else _json(data)) + b"\n\n"
+
+
+def _error(cls: type, e: Exception) -> Any:
+    code, message = _fail(e)
+    return cls(code=code, message=message)
+
+
+def _fail(e: Exception) -> tuple[int, str]:
+    if isinstance(e, ServiceError):
+        return e.code, e.message
+    log.exception("internal error")
+    return errors.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+class ProviderServicer(pb_grpc.ProviderServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self.operate_status = 1
+        self.mode = ""
+
+    # --- inference ----------------------------------------------------------------------
+
+    async def InvokeService(self, request, context):
+        try:
+            svc = invoke.lookup(request.service_name)
+            body = _body(request.request_data, "request_data")
+            result = await svc.unary(self.rt, request.service_name, body)
+            return pb.InvokeServiceResponse(code=0, message=SUCCESS, response_data=_json(result))
+        except Exception as e:
+            code, message = _fail(e)
+            return pb.InvokeServiceResponse(code=code, message=message)
+
+    async def InvokeServiceStream(self, request, context):
+        try:
+            svc = invoke.lookup(request.service_name, streaming=True)
+            body = _body(request.request_data, "request_data")
+            async for chunk in svc.stream(self.rt, request.service_name, body):
+                data = sse(chunk.data)
+                if chunk.final:
+                    data += sse(b"[DONE]")
+                yield pb.InvokeServiceStreamResponse(code=0, message=SUCCESS, chunk_data=data,
+                                                     is_final=chunk.final)
+        except Exception as e:
+            code, message = _fail(e)
+            yield pb.InvokeServiceStreamResponse(code=code, message=message, is_final=True)
+
+    async def InvokeServiceBidi(self, request_iterator, context):
+        # AOG never opens it; each message is served as one unary call.
+        async for msg in request_iterator:
+            resp = await self.InvokeService(pb.InvokeServiceRequest(
+                service_name=msg.service_name, request_data=msg.data), context)
+            yield pb.InvokeServiceBidiResponse(code=resp.code, message=resp.message,
+                                               data=resp.response_data,
+                                               message_type=msg.message_type)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def GetManifest(self, request, context):
+        try:
+            manifest = yaml.safe_load(paths.manifest_path().read_text())
+            return pb.GetManifestResponse(code=0, message=SUCCESS, manifest_json=_json(manifest))
+        except (OSError, yaml.YAMLError) as e:
+            return pb.GetManifestResponse(code=errors.INTERNAL,
+                                          message=f"cannot read plugin.yaml: {e}")
+
+    async def HealthCheck(self, request, context):
+        ok, why = await engine_check.check()
+        if not ok:
+            return pb.HealthCheckResponse(code=errors.UNAVAILABLE, message=why)
+        ok, why = self.rt.health()
+        return pb.HealthCheckResponse(code=0 if ok else errors.UNAVAILABLE, message=why)
+
+    async def GetOperateStatus(self, request, context):
+        return pb.GetOperateStatusResponse(status=self.operate_status)
+
+    async def SetOperateStatus(self, request, context):
+        self.operate_status = request.status
+        return pb.SetOperateStatusResponse()
+
+    async def SetAuth(self, request, context):
+        return pb.SetAuthResponse(code=0, message="local plugin: no authentication needed")
+
+    async def ValidateAuth(self, request, context):
+        return pb.ValidateAuthResponse(code=0, message="local plugin: no authentication needed")
+
+    async def RefreshAuth(self, request, context):
+        return pb.RefreshAuthResponse(code=0, message="local plugin: no authentication needed")
+
+    async def StartEngine(self, request, context):
+        # The engine is in-process (workers start per model on LoadModel): starting it means
+        # checking that OpenVINO is there, which is cached after the first call.
+        self.mode = request.mode or self.mode
+        ok, why = await engine_check.check()
+        code = 0 if ok else errors.FAILED_PRECONDITION
+        return pb.StartEngineResponse(code=code, message=SUCCESS if ok else why)
+
+    async def StopEngine(self, request, context):
+        await self.rt.unload_all()
+        return pb.StopEngineResponse(code=0, message=SUCCESS)
+
+    async def GetConfig(self, request, context):
+        store = self.rt.store.root
+        config = {"host": "", "origin": "", "scheme": "", "recommend_model": "",
+                  "download_url": "", "download_path": str(store),
+                  "engine_path": str(paths.plugin_data_dir()),
+                  "exec_path": str(paths.PACKAGE_DIR), "exec_file": "python -m ovms_plugin",
+                  "device_type": engine_check.default_device()}
+        return pb.GetConfigResponse(code=0, message=SUCCESS, config_json=_json(config))
+
+    async def CheckEngine(self, request, context):
+        ok, why = await engine_check.check()
+        return pb.CheckEngineResponse(code=0, message=why, installed=ok)
+
+    async def InstallEngine(self, request, context):
+        ok, why = await engine_check.check()
+        if ok:
+            return pb.InstallEngineResponse(code=0, message=f"already installed: {why}")
+        return pb.InstallEngineResponse(
+            code=errors.FAILED_PRECONDITION,
+            message=f"{why}. Install the runtime into the plugin's environment: "
+                    "pip install -c constraints.txt . (see the README)")
+
+    async def InitEnv(self, request, context):
+        try:
+            self.rt.store.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return pb.InitEnvResponse(code=errors.FAILED_PRECONDITION,
+                                      message=f"cannot create the model store "
+                                              f"{self.rt.store.root}: {e}; set "
+                                              "OVMS_PLUGIN_MODELS to a writable folder")
+        return pb.InitEnvResponse(code=0, message=SUCCESS)
+
+    async def UpgradeEngine(self, request, context):
+        return pb.UpgradeEngineResponse(code=0, message="up to date")
+
+    async def GetVersion(self, request, context):
+        versions = await asyncio.to_thread(engine_check.versions)
+        return pb.GetVersionResponse(code=0, message=SUCCESS,
+                                     response_json=_json({"version": __version__, **versions}))
+
+    # --- models -------------------------------------------------------------------------
+
+    async def _pull(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
+        """Runs a pull in a thread; yields its progress messages, then success or error.
+        Leaving early (the caller went away) cancels the pull."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def progress(msg: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, msg)
+
+        def run() -> None:
+            try:
+                req = pull_mod.PullRequest.from_json(_body(raw, "request_json"))
+                pull_mod.pull(self.rt.store, req, progress, cancel)
+            except (StoreError, ServiceError) as e:
+                progress({"error": str(e)})
+            except Exception as e:
+                log.exception("pull failed")
+                progress({"error": f"pull failed: {type(e).__name__}: {e}"})
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+        task = loop.run_in_executor(None, run)
+        try:
+            while (msg := await q.get()) is not None:
+                yield msg
+        finally:
+            cancel.set()
+            await asyncio.shield(task)
+
+    async def PullModel(self, request, context):
+        last: dict[str, Any] = {}
+        async for msg in self._pull(request.request_json):
+            last = msg
+        if "error" in last:
+            return pb.PullModelResponse(code=errors.PULL_FAILED, message=last["error"],
+                                        response_json=_json(last))
+        return pb.PullModelResponse(code=0, message=SUCCESS, response_json=_json(last))
+
+    async def PullModelStream(self, request, context):
+        async for msg in self._pull(request.request_json):
+            if "error" in msg:
+                yield pb.PullModelStreamResponse(code=errors.PULL_FAILED, message=msg["error"],
+                                                 data=_json(msg))
+            else:
+                yield pb.PullModelStreamResponse(code=0, message=SUCCESS, data=_json(msg))
+
+    def _model_arg(self, raw: bytes, key: str = "model") -> Any:
+        body = _body(raw, "request_json")
+        value = body.get(key) if isinstance(body, dict) else None
+        if not value:
+            raise ServiceError(f"request_json needs {key!r}", errors.INVALID_REQUEST)
+        return value
+
+    async def DeleteModel(self, request, context):
+        try:
+            await self.rt.delete(self._model_arg(request.request_json))
+            return pb.DeleteModelResponse(code=0, message=SUCCESS)
+        except Exception as e:
+            return _error(pb.DeleteModelResponse, e)
+
+    async def ListModels(self, request, context):
+        try:
+            models = await asyncio.to_thread(self.rt.store.list)
+            return pb.ListModelsResponse(code=0, message=SUCCESS, response_json=_json(
+                {"models": [m.to_aog() for m in models]}))
+        except Exception as e:
+            return _error(pb.ListModelsResponse, e)
+
+    async def LoadModel(self, request, context):
+        try:
+            await self.rt.load(self._model_arg(request.request_json))
+            return pb.LoadModelResponse(code=0, message=SUCCESS)
+        except Exception as e:
+            return _error(pb.LoadModelResponse, e)
+
+    async def UnloadModel(self, request, context):
+        try:
+            names = self._model_arg(request.request_json, "models")
+            if isinstance(names, str):
+                names = [names]
+            for name in names:
+                await self.rt.unload(name)
+            return pb.UnloadModelResponse(code=0, message=SUCCESS)
+        except Exception as e:
+            return _error(pb.UnloadModelResponse, e)
+
+    async def GetRunningModels(self, request, context):
+        try:
+            return pb.GetRunningModelsResponse(code=0, message=SUCCESS, response_json=_json(
+                {"models": await self.rt.running()}))
+        except Exception as e:
+            return _error(pb.GetRunningModelsResponse, e)
+
+
+def add_to_server(servicer: ProviderServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_ProviderServiceServicer_to_server(servicer, server)

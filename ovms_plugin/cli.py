@@ -1,0 +1,152 @@
+"""The command-line subcommands other than plugin mode."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ovms_plugin import paths
+from ovms_plugin.logs import setup_logging
+from ovms_plugin.store.store import ModelStore, StoreError
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL = "tiny-chat"
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    return ModelStore(args.models_dir or paths.models_dir())
+
+
+class ProgressBar:
+    """`ollama pull`-like progress on stderr: one line per file, redrawn in place."""
+
+    def __init__(self) -> None:
+        self.current = ""
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        status = msg.get("status", "")
+        total, done = msg.get("total"), msg.get("completed")
+        if status != self.current and self.current:
+            sys.stderr.write("\n")
+        self.current = status
+        if total:
+            width = 30
+            filled = int(width * (done or 0) / total)
+            sys.stderr.write(f"\r{status[:48]:<48} [{'#' * filled}{'.' * (width - filled)}] "
+                             f"{(done or 0) / 2**20:7.1f}/{total / 2**20:.1f} MiB")
+        else:
+            sys.stderr.write(f"\r{status}")
+        sys.stderr.flush()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from ovms_plugin.store import pull
+    bar = ProgressBar()
+    req = pull.PullRequest.from_json({"model": args.model, "name": args.name,
+                                      "model_type": args.model_type})
+    entry = pull.pull(_store(args), req, bar)
+    sys.stderr.write("\n")
+    print(f"installed {entry.name} ({entry.task}) at {entry.path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    entries = _store(args).list()
+    print(f"{'NAME':<40} {'TASK':<20} {'SIZE':>10} {'PARAMS':>9} {'QUANT':<6} MODIFIED")
+    for e in entries:
+        a = e.to_aog()
+        print(f"{e.name:<40} {e.task:<20} {e.size / 2**20:>8.1f}MB "
+              f"{a['details']['parameter_size']:>9} {a['details']['quantization_level']:<6} "
+              f"{a['modified_at']}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    entry = _store(args).get(args.model)
+    print(json.dumps({"path": str(entry.path), **entry.manifest}, indent=1))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    _store(args).delete(args.model)
+    print(f"deleted {args.model}")
+    return 0
+
+
+def cmd_install_aog(args: argparse.Namespace) -> int:
+    from ovms_plugin.aog.install import install
+    root = install(args.plugins_dir, args.models_dir)
+    print(f"installed the AOG plugin at {root}")
+    return 0
+
+
+def ensure_default_model(store: ModelStore) -> None:
+    """Makes the built-in default model offline (a tiny random chat model with its own
+    tokenizer) and installs it, once."""
+    try:
+        store.get(DEFAULT_MODEL)
+        return
+    except StoreError:
+        pass
+    from ovms_plugin import devmodels
+    from ovms_plugin.store import pull
+    log.info("making the built-in default model %s (offline, once)", DEFAULT_MODEL)
+    folder = devmodels.ensure_models(devmodels.default_cache_dir(), [DEFAULT_MODEL])
+    pull.pull(store, pull.PullRequest(model=str(folder[DEFAULT_MODEL]), name=DEFAULT_MODEL,
+                                      model_type="chat"), lambda msg: None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ovms_plugin.aog.host import AogHost, SseReader
+    from ovms_plugin.aog.install import install
+    store = _store(args)
+    ensure_default_model(store)
+    with tempfile.TemporaryDirectory(prefix="ovms-plugin-demo-") as tmp:
+        root = install(Path(tmp) / "plugins", store.root)
+        host = AogHost(root).start()
+        try:
+            print(f"plugin started as AOG starts it; handshake in "
+                  f"{host.handshake_seconds * 1000:.0f} ms", file=sys.stderr)
+            for step in ("StartEngine", "CheckEngine", "HealthCheck"):
+                r = host.call(step)
+                print(f"{step}: code={r.code} {r.message}", file=sys.stderr)
+            r = host.json_call("LoadModel", {"model": DEFAULT_MODEL})
+            if r.code:
+                print(f"LoadModel failed: {r.message}", file=sys.stderr)
+                return 1
+            print(f"> {args.prompt}", file=sys.stderr)
+            reader = SseReader(host.invoke_stream("chat", {
+                "model": DEFAULT_MODEL, "stream": True, "max_tokens": args.max_tokens,
+                "messages": [{"role": "user", "content": args.prompt}]}))
+            finish = None
+            for event in reader.events():
+                choice = event["choices"][0]
+                print(choice["delta"].get("content", ""), end="", flush=True)
+                finish = choice.get("finish_reason") or finish
+            print()
+            if reader.error:
+                print(f"error {reader.error[0]}: {reader.error[1]}", file=sys.stderr)
+                return 1
+            print(f"[finish_reason: {finish}; the built-in model has random weights, so its "
+                  "words are random too]", file=sys.stderr)
+        finally:
+            host.kill()
+    return 0
+
+
+COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm,
+            "install-aog": cmd_install_aog, "demo": cmd_demo}
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    try:
+        return COMMANDS[args.command](args)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

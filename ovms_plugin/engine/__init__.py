@@ -1,0 +1,1 @@
+"""Engine workers: one process per loaded model, each owning one OpenVINO pipeline."""

@@ -1,0 +1,148 @@
+"""LLM engine (runs inside a worker process): openvino_genai's ContinuousBatchingPipeline
+driven by add_request / step / can_read / read.
+
+Request payload: {"ids": [prompt token ids], "max_new_tokens": int, optional "temperature",
+"top_p", "presence_penalty", "frequency_penalty", "seed", "ignore_eos"}.
+Per step, for each request with news: (req_id, [new token ids], finish, error) where finish
+is None, "stop" or "length".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+log = logging.getLogger(__name__)
+
+_FINISH = {ov_genai.GenerationFinishReason.STOP: "stop",
+           ov_genai.GenerationFinishReason.LENGTH: "length"}
+
+
+@dataclass
+class _Running:
+    handle: Any
+    max_new_tokens: int
+    generated: int = 0
+
+
+# Fields of the model's own generation_config.json that a request starts from.
+_DEFAULT_FIELDS = ("eos_token_id", "stop_token_ids", "do_sample", "temperature", "top_p",
+                   "top_k", "min_p", "repetition_penalty")
+
+
+def _default_kwargs(config: Any) -> dict[str, Any]:
+    """GenerationConfig cannot be copied; keep its fields as keyword arguments. Unset
+    integers read back as SIZE_MAX, which the constructor refuses: leave those out."""
+    out = {}
+    for key in _DEFAULT_FIELDS:
+        value = getattr(config, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 2**31:
+            continue
+        out[key] = value
+    return out
+
+
+class LLMEngine:
+    def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
+        sc = ov_genai.SchedulerConfig()
+        for key, value in config.get("scheduler", {}).items():
+            setattr(sc, key, value)
+        self.scheduler = config.get("scheduler", {})
+        self.device = config.get("device", "CPU")
+        started = time.monotonic()
+        self.pipe = ov_genai.ContinuousBatchingPipeline(
+            str(model_dir), sc, self.device, config.get("properties", {}))
+        self.load_seconds = time.monotonic() - started
+        self.defaults = _default_kwargs(self.pipe.get_config())
+        self.running: dict[int, _Running] = {}
+        # Stopped handles stay referenced until the next step: a collected handle is
+        # stopped again by OpenVINO, and dropping it mid-step is not needed.
+        self._stopped: list[Any] = []
+        self.requests_total = 0
+        log.info("loaded %s on %s in %.2fs (scheduler %s)", model_dir, self.device,
+                 self.load_seconds, self.scheduler)
+
+    def info(self) -> dict[str, Any]:
+        return {"device": self.device, "scheduler": self.scheduler,
+                "load_seconds": round(self.load_seconds, 3),
+                "openvino": ov.get_version()}
+
+    def _config(self, p: dict[str, Any]) -> Any:
+        gc = ov_genai.GenerationConfig(**self.defaults)
+        gc.max_new_tokens = int(p["max_new_tokens"])
+        temperature = p.get("temperature")
+        if temperature is not None:
+            gc.do_sample = temperature > 0
+            if temperature > 0:
+                gc.temperature = float(temperature)
+        if p.get("top_p") is not None and gc.do_sample:
+            gc.top_p = float(p["top_p"])
+        if p.get("presence_penalty") is not None:
+            gc.presence_penalty = float(p["presence_penalty"])
+        if p.get("frequency_penalty") is not None:
+            gc.frequency_penalty = float(p["frequency_penalty"])
+        if p.get("seed") is not None:
+            gc.rng_seed = int(p["seed"]) & 0xFFFFFFFF
+        if p.get("ignore_eos"):
+            gc.ignore_eos = True
+        gc.num_return_sequences = 1
+        return gc
+
+    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+        ids = ov.Tensor(np.asarray([payload["ids"]], dtype=np.int64))
+        handle = self.pipe.add_request(req_id, ids, self._config(payload))
+        self.running[req_id] = _Running(handle, int(payload["max_new_tokens"]))
+        self.requests_total += 1
+
+    def abort(self, req_id: int) -> None:
+        run = self.running.pop(req_id, None)
+        if run is not None:
+            run.handle.stop()
+            self._stopped.append(run.handle)
+
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[tuple]:
+        self.pipe.step()
+        self._stopped.clear()
+        outs = []
+        for req_id, run in list(self.running.items()):
+            handle = run.handle
+            new: list[int] = []
+            finish = None
+            # read() blocks (holding the GIL) when nothing is there: only after can_read().
+            if handle.can_read():
+                out = next(iter(handle.read().values()))
+                new = list(out.generated_ids)
+                run.generated += len(new)
+                finish = _FINISH.get(out.finish_reason)
+            status = handle.get_status()
+            if finish is None and status != ov_genai.GenerationStatus.RUNNING:
+                if status == ov_genai.GenerationStatus.FINISHED:
+                    finish = "length" if run.generated >= run.max_new_tokens else "stop"
+                else:  # IGNORED without our stop: it did not fit in the KV cache
+                    outs.append((req_id, new, "error",
+                                 "the request did not fit in the engine's KV cache; retry, "
+                                 "or raise the model's scheduler cache_size"))
+                    del self.running[req_id]
+                    continue
+            if new or finish:
+                outs.append((req_id, new, finish, None))
+            if finish:
+                del self.running[req_id]
+        return outs
+
+    def metrics(self) -> dict[str, Any]:
+        m = self.pipe.get_metrics()
+        return {"running": len(self.running), "requests_total": self.requests_total,
+                "scheduled_requests": getattr(m, "scheduled_requests", None),
+                "cache_usage": getattr(m, "cache_usage", None),
+                "max_cache_usage": getattr(m, "max_cache_usage", None)}

@@ -1,0 +1,139 @@
+"""Engine worker process: owns one OpenVINO pipeline and runs its loop.
+
+Started by the front end (engine.client) as
+    python -m ovms_plugin.engine.worker --fd N --kind KIND --model-dir DIR --config JSON
+with stdout on /dev/null and stderr on a pipe the front end reads, never the plugin's own
+stdout/stderr (AOG's shutdown waits for EOF on those). It dies with its parent: a
+parent-death signal, and EOF on the engine socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Protocol
+
+from ovms_plugin.engine import ipc
+from ovms_plugin.logs import setup_logging
+
+log = logging.getLogger("ovms_plugin.worker")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Engine(Protocol):
+    """One engine kind (LLM, embeddings, images): what the worker loop drives."""
+
+    def info(self) -> dict[str, Any]: ...
+    def add(self, req_id: int, payload: Any) -> None: ...
+    def abort(self, req_id: int) -> None: ...
+    def has_work(self) -> bool: ...
+    def step(self) -> list[tuple]: ...
+    def metrics(self) -> dict[str, Any]: ...
+
+
+def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
+    if kind == "llm":
+        from ovms_plugin.engine.llm import LLMEngine
+        return LLMEngine(model_dir, config)
+    raise ValueError(f"unknown engine kind {kind!r}")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the socket EOF watch below still ends us
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _reader(sock: socket.socket, inbox: queue.SimpleQueue) -> None:
+    """Receives front-end messages into the inbox; EOF means the front end is gone."""
+    try:
+        while True:
+            inbox.put(ipc.recv(sock))
+    except (EOFError, OSError):
+        pass
+    # No one is left to serve: leave now, even if the engine is mid-step.
+    os._exit(0)
+
+
+def serve(engine: Engine, sock: socket.socket, inbox: queue.SimpleQueue) -> None:
+    """The loop: take new messages (blocking only when idle), step, send what came out."""
+    send_lock = threading.Lock()
+
+    def send(msg: Any) -> None:
+        with send_lock:
+            ipc.send(sock, msg)
+
+    while True:
+        msgs = []
+        if not engine.has_work():
+            msgs.append(inbox.get())
+        while True:
+            try:
+                msgs.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        errors = []
+        for msg in msgs:
+            op = msg[0]
+            if op == "add":
+                try:
+                    engine.add(msg[1], msg[2])
+                except Exception as e:  # a bad request must not take the engine down
+                    errors.append((msg[1], None, "error", f"{type(e).__name__}: {e}"))
+            elif op == "abort":
+                engine.abort(msg[1])
+            elif op == "metrics":
+                send(("metrics", msg[1], engine.metrics()))
+            elif op == "shutdown":
+                return
+        if errors:
+            send(("out", errors))
+        if engine.has_work():
+            outs = engine.step()
+            if outs:
+                send(("out", outs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--kind", required=True)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--config", default="{}")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--name", default="")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in AOG's terminal is not for us
+    setup_logging(prefix=f"worker[{args.name or args.model_dir.name}] ")
+    sock = socket.socket(fileno=args.fd)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_reader, args=(sock, inbox), daemon=True).start()
+    try:
+        engine = make_engine(args.kind, args.model_dir, json.loads(args.config))
+    except Exception as e:
+        log.error("loading %s failed:\n%s", args.model_dir, traceback.format_exc())
+        ipc.send(sock, ("fatal", f"{type(e).__name__}: {e}"))
+        return 1
+    ipc.send(sock, ("ready", engine.info()))
+    serve(engine, sock, inbox)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

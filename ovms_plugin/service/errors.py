@@ -1,0 +1,43 @@
+"""Errors with a result code for AOG and an HTTP status for the standalone server."""
+
+from __future__ import annotations
+
+# AOG SDK result codes (contract §3).
+OK = 0
+INVALID_ARGUMENT = 2
+NOT_FOUND = 3
+RESOURCE_EXHAUSTED = 6
+FAILED_PRECONDITION = 7
+INTERNAL = 11
+UNAVAILABLE = 14
+MODEL_NOT_FOUND = 3000
+PULL_FAILED = 3001
+LOAD_FAILED = 3003
+SERVICE_NOT_FOUND = 4000
+TIMEOUT = 4002
+INVALID_REQUEST = 4003
+
+_HTTP = {INVALID_ARGUMENT: 400, INVALID_REQUEST: 400, NOT_FOUND: 404, MODEL_NOT_FOUND: 404,
+         SERVICE_NOT_FOUND: 404, RESOURCE_EXHAUSTED: 503, FAILED_PRECONDITION: 409,
+         TIMEOUT: 504, UNAVAILABLE: 503, LOAD_FAILED: 500, PULL_FAILED: 500, INTERNAL: 500}
+
+
+class ServiceError(Exception):
+    """A request could not be served; the message says what was wrong and what is right."""
+
+    def __init__(self, message: str, code: int = INVALID_REQUEST, param: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP.get(self.code, 500)
+
+
+def invalid(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(message, INVALID_REQUEST, param)

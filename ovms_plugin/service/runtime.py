@@ -1,0 +1,222 @@
+"""The loaded models: starting and stopping their engine workers, and running requests on
+them. Protocol adapters (AOG gRPC, HTTP) call this and nothing below it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovms_plugin import settings as settings_mod
+from ovms_plugin.engine.client import EngineClient, EngineError
+from ovms_plugin.service import errors
+from ovms_plugin.service.errors import ServiceError, invalid
+from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
+from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, StoreError
+
+log = logging.getLogger(__name__)
+
+# Which engine kind serves a task.
+TASK_ENGINES = {"text-generation": "llm"}
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    client: EngineClient
+    settings: settings_mod.ModelSettings
+    tokenizer: Any = None
+    context: int | None = None
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Runtime:
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.models: dict[str, LoadedModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self.store.get(name)
+        except ModelNotFound as e:
+            raise ServiceError(str(e), errors.MODEL_NOT_FOUND, "model") from None
+
+    async def load(self, name: str) -> LoadedModel:
+        """Starts the model's engine; nearly free when it is already running. A model
+        whose worker died is started again."""
+        lm = self.models.get(name)
+        if lm is not None and lm.client.alive:
+            lm.last_used = time.monotonic()
+            return lm
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            lm = self.models.get(name)
+            if lm is not None and lm.client.alive:
+                return lm
+            if lm is not None:
+                log.warning("restarting model %s: %s", name, lm.client.dead_reason)
+                await lm.client.stop()
+                del self.models[name]
+            entry = self.entry(name)
+            kind = TASK_ENGINES.get(entry.task)
+            if kind is None:
+                raise ServiceError(f"model {name!r} is a {entry.task} model, which this "
+                                   "version cannot serve yet", errors.LOAD_FAILED)
+            try:
+                ms = settings_mod.model_settings(name, model_bytes=entry.size)
+            except settings_mod.SettingsError as e:
+                raise ServiceError(str(e), errors.LOAD_FAILED) from None
+            config = {"device": ms.device, "properties": ms.properties,
+                      "scheduler": ms.scheduler}
+            max_in_flight = int(ms.scheduler.get("max_num_seqs", 64)) + ms.max_waiting_requests
+            client = EngineClient(name, kind, entry.path, config, max_in_flight)
+            lm = LoadedModel(entry, client, ms, context=entry.context_length())
+            started = time.monotonic()
+            try:
+                if kind == "llm":
+                    lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
+                await client.start()
+            except EngineError as e:
+                raise ServiceError(str(e), errors.LOAD_FAILED) from None
+            except Exception as e:
+                await client.stop()
+                raise ServiceError(f"loading model {name!r} failed: {e}",
+                                   errors.LOAD_FAILED) from None
+            log.info("model %s loaded in %.2fs", name, time.monotonic() - started)
+            self.models[name] = lm
+            return lm
+
+    async def unload(self, name: str) -> bool:
+        lm = self.models.pop(name, None)
+        if lm is None:
+            return False
+        await lm.client.stop()
+        log.info("model %s unloaded", name)
+        return True
+
+    async def unload_all(self) -> None:
+        await asyncio.gather(*(self.unload(n) for n in list(self.models)))
+
+    def kill_all(self) -> None:
+        for lm in self.models.values():
+            lm.client.kill()
+
+    async def delete(self, name: str) -> None:
+        lm = self.models.get(name)
+        if lm is not None and lm.client.in_flight:
+            raise ServiceError(f"model {name!r} is serving {lm.client.in_flight} request(s); "
+                               "wait for them to finish or unload it first, then delete",
+                               errors.FAILED_PRECONDITION)
+        await self.unload(name)
+        try:
+            self.store.delete(name)
+        except ModelNotFound as e:
+            raise ServiceError(str(e), errors.MODEL_NOT_FOUND) from None
+        except (StoreError, OSError) as e:
+            raise ServiceError(f"deleting model {name!r} failed: {e}", errors.INTERNAL) \
+                from None
+
+    def health(self) -> tuple[bool, str]:
+        dead = [lm.client.dead_reason or f"engine of {n!r} is not running"
+                for n, lm in self.models.items() if not lm.client.alive]
+        if dead:
+            return False, "; ".join(dead)
+        return True, f"ok: {len(self.models)} model(s) loaded"
+
+    async def running(self) -> list[dict[str, Any]]:
+        """Loaded models in ListModels' shape, with engine details."""
+        out = []
+        for lm in list(self.models.values()):
+            item = lm.entry.to_aog()
+            details = item["details"]
+            details.update({"device": lm.client.info.get("device", lm.settings.device),
+                            "engine": lm.client.kind, "alive": lm.client.alive,
+                            "kv_cache_gb": lm.settings.scheduler.get("cache_size"),
+                            "in_flight": lm.client.in_flight})
+            if lm.client.alive:
+                with suppress(EngineError, TimeoutError):
+                    details["metrics"] = await lm.client.metrics(timeout=2.0)
+            out.append(item)
+        return out
+
+    # --- text generation ----------------------------------------------------------------
+
+    async def text(self, req: TextRequest) -> AsyncIterator[TextDelta]:
+        """Runs a chat or generate request; yields text as it is produced. The last delta
+        carries finish_reason and the token counts."""
+        lm = await self.load(req.model)
+        if req.service not in lm.entry.services:
+            raise invalid(f"model {req.model!r} serves {list(lm.entry.services)}, not "
+                          f"{req.service!r}; pick a text-generation model", "model")
+        tok = lm.tokenizer
+        if req.service == "chat":
+            try:
+                prompt = tok.apply_chat_template(req.messages, add_generation_prompt=True)
+            except Exception as e:
+                raise invalid(f"the model's chat template could not render these messages: "
+                              f"{e}", "messages") from None
+            ids = _encode(tok, prompt, add_special_tokens=False)
+        else:
+            ids = _encode(tok, req.prompt, add_special_tokens=True)
+        n_prompt = len(ids)
+        max_new = _max_new_tokens(req, n_prompt, lm.context)
+        payload = {"ids": ids, "max_new_tokens": max_new, "temperature": req.temperature,
+                   "top_p": req.top_p, "presence_penalty": req.presence_penalty,
+                   "frequency_penalty": req.frequency_penalty, "seed": req.seed,
+                   "ignore_eos": req.ignore_eos}
+        detok = Detokenizer(tok)
+        stops = StopMatcher(req.stop)
+        n_out = 0
+        try:
+            async with aclosing(lm.client.submit(payload)) as outputs:
+                async for out in outputs:
+                    lm.last_used = time.monotonic()
+                    n_out += len(out.result)
+                    text = detok.push(out.result)
+                    if out.finish:
+                        text += detok.flush()
+                    text, hit = stops.feed(text)
+                    if hit:
+                        yield TextDelta(text, "stop", n_prompt, n_out)
+                        return
+                    if out.finish:
+                        yield TextDelta(text + stops.flush(), out.finish, n_prompt, n_out)
+                        return
+                    if text:
+                        yield TextDelta(text, None, n_prompt, n_out)
+        except EngineError as e:
+            raise ServiceError(str(e), e.code) from None
+
+
+def _load_tokenizer(entry: ModelEntry) -> Any:
+    import openvino_genai as ov_genai
+    return ov_genai.Tokenizer(str(entry.path))
+
+
+def _encode(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
+    enc = tok.encode(text, add_special_tokens=add_special_tokens)
+    return enc.input_ids.data[0].tolist()
+
+
+def _max_new_tokens(req: TextRequest, n_prompt: int, context: int | None) -> int:
+    if context is None:
+        return req.max_tokens or 4096
+    if n_prompt >= context:
+        raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} has a "
+                      f"context of {context} tokens; shorten the prompt", "messages")
+    room = context - n_prompt
+    if req.max_tokens is None:
+        return room
+    if req.max_tokens > room:
+        raise invalid(f"max_tokens {req.max_tokens} plus the prompt's {n_prompt} tokens "
+                      f"exceeds model {req.model!r}'s context of {context}; use max_tokens "
+                      f"<= {room}", "max_tokens")
+    return req.max_tokens

@@ -1,0 +1,116 @@
+"""Settings: one YAML file under the data dir plus environment variables, with per-model
+overrides. Everything that tunes an engine is resolved here, in one place.
+
+Example settings.yaml:
+
+    device: CPU                  # default device for every model
+    max_waiting_requests: 64     # per model; beyond it requests get a "busy, retry" error
+    models:
+      tiny-chat:
+        device: CPU
+        properties: {INFERENCE_PRECISION_HINT: f32}    # passed to OpenVINO's compile
+        scheduler: {cache_size: 1, max_num_seqs: 32}   # openvino_genai.SchedulerConfig fields
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ovms_plugin import paths
+
+log = logging.getLogger(__name__)
+
+# SchedulerConfig fields a user may set; anything else in `scheduler:` is refused on load.
+SCHEDULER_FIELDS = {
+    "cache_size", "num_kv_blocks", "max_num_batched_tokens", "max_num_seqs",
+    "dynamic_split_fuse", "enable_prefix_caching", "use_cache_eviction",
+}
+
+# Per-device defaults. On CPU the chunk of prompt tokens per step stays small so a long
+# prompt is prefilled over several steps and running streams keep getting tokens.
+DEVICE_SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CPU": {"max_num_batched_tokens": 256, "max_num_seqs": 64,
+            "dynamic_split_fuse": True, "enable_prefix_caching": True},
+    "GPU": {"max_num_batched_tokens": 1024, "max_num_seqs": 128,
+            "dynamic_split_fuse": True, "enable_prefix_caching": True},
+}
+
+
+class SettingsError(ValueError):
+    """The settings file or an override is malformed."""
+
+
+@dataclass
+class ModelSettings:
+    device: str = "CPU"
+    properties: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    max_waiting_requests: int = 64
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give us now (MemAvailable), without psutil."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def default_kv_cache_gb(model_bytes: int) -> int:
+    """A bounded KV cache (SchedulerConfig.cache_size takes whole GB): a quarter of what is
+    free once the weights are in, between 1 and 8 GB. An unbounded dynamic cache grows until
+    the OS kills the process."""
+    free = max(0, available_memory_bytes() - 2 * model_bytes)
+    return int(min(8, max(1, free // 4 // 2**30)))
+
+
+def load_file(path: Path | None = None) -> dict[str, Any]:
+    path = path or paths.settings_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping at the top level")
+    return data
+
+
+def model_settings(name: str, *, model_bytes: int = 0, data: dict | None = None) -> ModelSettings:
+    """The settings for one model: defaults < file's globals < environment < file's
+    per-model section."""
+    data = load_file() if data is None else data
+    per_model = (data.get("models") or {}).get(name) or {}
+    device = str(per_model.get("device") or os.environ.get("OVMS_PLUGIN_DEVICE")
+                 or data.get("device") or "CPU").upper()
+    scheduler = dict(DEVICE_SCHEDULER_DEFAULTS.get(device.split(".")[0],
+                                                   DEVICE_SCHEDULER_DEFAULTS["CPU"]))
+    scheduler["cache_size"] = default_kv_cache_gb(model_bytes)
+    for source in (data.get("scheduler") or {}, per_model.get("scheduler") or {}):
+        unknown = set(source) - SCHEDULER_FIELDS
+        if unknown:
+            raise SettingsError(f"unknown scheduler setting(s) {sorted(unknown)} for model "
+                                f"{name!r}; known: {sorted(SCHEDULER_FIELDS)}")
+        scheduler.update(source)
+    if "num_kv_blocks" in scheduler:
+        scheduler.pop("cache_size", None)
+    waiting = per_model.get("max_waiting_requests", os.environ.get(
+        "OVMS_PLUGIN_MAX_WAITING", data.get("max_waiting_requests", 64)))
+    try:
+        waiting = int(waiting)
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"max_waiting_requests must be an integer, got {waiting!r}") from e
+    properties = {**(data.get("properties") or {}), **(per_model.get("properties") or {})}
+    return ModelSettings(device=device, properties=properties, scheduler=scheduler,
+                         max_waiting_requests=waiting)

@@ -1,0 +1,268 @@
+"""The model store: one folder per installed model, each with the OpenVINO files and a
+manifest (ovms-manifest.json). Installs are staged in <store>/.staging and renamed into
+place, so a half-copied model is never visible."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import ParseError
+
+from ovms_plugin.store import ir
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ovms-manifest.json"
+STAGING = ".staging"
+# Model names: Hugging Face style ids ("org/name") or plain names, nothing that could
+# leave the store.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+# What a model folder is for, by task; the services each task can serve.
+TASK_SERVICES = {
+    "text-generation": ("chat", "generate"),
+    "feature-extraction": ("embed",),
+    "text-classification": ("rerank",),
+    "text-to-image": ("text-to-image",),
+}
+
+
+class StoreError(Exception):
+    """A store operation failed; the message says what to do."""
+
+
+class ModelNotFound(StoreError):
+    pass
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise StoreError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', optionally "
+            "one 'org/' prefix (like a Hugging Face id); no '..', no absolute paths")
+    return name
+
+
+def folder_name(name: str) -> str:
+    return check_name(name).replace("/", "--")
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def detect_task(folder: Path) -> str | None:
+    """The task of an OpenVINO model folder, from its files."""
+    if (folder / "model_index.json").is_file():
+        return "text-to-image"
+    if not (folder / "openvino_model.xml").is_file():
+        return None
+    config = read_json(folder / "config.json")
+    archs = " ".join(config.get("architectures") or [])
+    if "ForSequenceClassification" in archs:
+        return "text-classification"
+    if (folder / "openvino_detokenizer.xml").is_file() or "ForCausalLM" in archs:
+        return "text-generation"
+    return "feature-extraction"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+    return h.hexdigest()
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return TASK_SERVICES.get(self.task, ())
+
+    @property
+    def size(self) -> int:
+        return sum(int(f["size"]) for f in self.manifest.get("files", []))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return read_json(self.path / "config.json")
+
+    def context_length(self) -> int | None:
+        cfg = self.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        return None
+
+    def to_aog(self) -> dict[str, Any]:
+        """The ListModels entry AOG parses (modified_at must be RFC 3339)."""
+        m = self.manifest
+        family = m.get("family") or ""
+        return {
+            "name": self.name,
+            "model": self.name,
+            "modified_at": m.get("installed_at") or rfc3339(self.path.stat().st_mtime),
+            "size": self.size,
+            "digest": m.get("digest", ""),
+            "details": {
+                "format": "openvino",
+                "family": family,
+                "families": [family] if family else [],
+                "parameter_size": m.get("parameter_size", ""),
+                "quantization_level": m.get("quantization_level", ""),
+            },
+        }
+
+
+def describe_folder(folder: Path, hashes: dict[str, str] | None = None,
+                    **fields: Any) -> dict[str, Any]:
+    """Builds a manifest for an OpenVINO model folder: files with sizes and hashes (taken
+    from `hashes` by relative path when already known), task, family, parameter size,
+    quantization level. `fields` adds source, revision, ..."""
+    hashes = hashes or {}
+    task = fields.pop("task", None) or detect_task(folder)
+    if task is None:
+        raise StoreError(f"{folder} holds no OpenVINO model (no openvino_model.xml and no "
+                         "model_index.json); pull a folder of OpenVINO IR or a Hugging Face repo")
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            files.append({"path": rel, "size": p.stat().st_size,
+                          "sha256": hashes.get(rel) or sha256_file(p)})
+    config = read_json(folder / "config.json")
+    xml = folder / "openvino_model.xml"
+    if not xml.is_file():
+        xml = folder / "unet" / "openvino_model.xml"
+    level, n_weights = ir.weight_stats(xml) if xml.is_file() else ("unknown", 0)
+    params = ir.parameter_count_from_config(config) or n_weights
+    digest = hashlib.sha256(json.dumps([(f["path"], f["sha256"]) for f in files])
+                            .encode()).hexdigest()
+    return {
+        "format": "openvino", "task": task,
+        "family": config.get("model_type", ""),
+        "parameter_size": ir.format_parameter_size(params) if params else "",
+        "quantization_level": level,
+        "files": files, "digest": f"sha256:{digest}",
+        "installed_at": rfc3339(time.time()),
+        **fields,
+    }
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> None:
+        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+
+    def folder(self, name: str) -> Path:
+        return self.root / folder_name(name)
+
+    def list(self) -> list[ModelEntry]:
+        """Every valid model folder; a folder without a manifest (copied in by hand) gets one
+        written on first sight."""
+        if not self.root.is_dir():
+            return []
+        entries = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            entry = self._entry(folder)
+            if entry is not None:
+                entries.append(entry)
+        return entries
+
+    def _entry(self, folder: Path) -> ModelEntry | None:
+        manifest = read_json(folder / MANIFEST)
+        if not manifest:
+            if detect_task(folder) is None:
+                return None
+            try:
+                manifest = describe_folder(folder, name=folder.name.replace("--", "/"),
+                                           source=str(folder))
+                _write_json(folder / MANIFEST, manifest)
+            except (StoreError, OSError, ParseError) as e:
+                log.warning("skipping %s: %s", folder, e)
+                return None
+        name = manifest.get("name") or folder.name.replace("--", "/")
+        return ModelEntry(name=name, path=folder, manifest=manifest)
+
+    def get(self, name: str) -> ModelEntry:
+        if isinstance(name, str) and _NAME_RE.match(name) and ".." not in name:
+            folder = self.folder(name)
+            if folder.is_dir() and (entry := self._entry(folder)) is not None:
+                return entry
+        available = ", ".join(e.name for e in self.list()) or "none installed"
+        raise ModelNotFound(f"model {name!r} is not in the model store ({self.root}); "
+                            f"available: {available}. Pull it first (PullModel or "
+                            f"'python -m ovms_plugin pull {name}').")
+
+    def staging_dir(self) -> Path:
+        self._ensure()
+        path = self.root / STAGING / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def install(self, staged: Path, name: str, manifest: dict[str, Any]) -> ModelEntry:
+        """Moves a validated staging folder into the store in one rename. An existing model
+        of that name is replaced (its old folder is renamed away first, then removed)."""
+        target = self.folder(name)
+        manifest = {**manifest, "name": name}
+        _write_json(staged / MANIFEST, manifest)
+        with self._lock:
+            old = None
+            if target.exists():
+                old = self.root / STAGING / f"old-{uuid.uuid4().hex}"
+                os.rename(target, old)
+            os.rename(staged, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("installed model %s at %s", name, target)
+        return ModelEntry(name=name, path=target, manifest=manifest)
+
+    def delete(self, name: str) -> None:
+        entry = self.get(name)
+        trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
+        self._ensure()
+        os.rename(entry.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
