@@ -40,12 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    if args.command is None:
-        if os.environ.get("AOG_PLUGIN"):
-            args.command = "plugin"
-        else:
-            _parser().print_help(sys.stderr)
-            return 1
+    if args.command is None:  # how AOG runs us; without AOG's cookie this explains itself
+        args.command = "plugin"
     # Engine workers are started with fork+exec; gRPC's fork handlers only add log noise.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     if args.command == "plugin":

@@ -1,0 +1,58 @@
+"""Generated stubs are current, the service matches the contract, and the AOG manifest is
+what AOG accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ovms_plugin import __version__
+from ovms_plugin.aog.proto import provider_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Contract §3, in declaration order.
+METHODS = ["GetManifest", "InvokeService", "InvokeServiceStream", "InvokeServiceBidi",
+           "HealthCheck", "GetOperateStatus", "SetOperateStatus", "SetAuth", "ValidateAuth",
+           "RefreshAuth", "StartEngine", "StopEngine", "GetConfig", "CheckEngine",
+           "InstallEngine", "InitEnv", "UpgradeEngine", "PullModel", "PullModelStream",
+           "DeleteModel", "ListModels", "LoadModel", "UnloadModel", "GetRunningModels",
+           "GetVersion"]
+
+
+def test_stubs_are_up_to_date():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_provider_service_matches_contract():
+    svc = provider_pb2.DESCRIPTOR.services_by_name["ProviderService"]
+    assert svc.full_name == "protocol.ProviderService"
+    assert [m.name for m in svc.methods] == METHODS
+    streams = {m.name: (m.client_streaming, m.server_streaming) for m in svc.methods}
+    assert streams["InvokeServiceStream"] == (False, True)
+    assert streams["PullModelStream"] == (False, True)
+    assert streams["InvokeServiceBidi"] == (True, True)
+    assert sum(1 for s in streams.values() if s != (False, False)) == 3
+    stream_resp = provider_pb2.InvokeServiceStreamResponse.DESCRIPTOR.fields_by_name
+    assert {n: f.number for n, f in stream_resp.items()} == {
+        "code": 1, "message": 2, "chunk_data": 3, "is_final": 4, "metadata": 5}
+
+
+def test_plugin_yaml_is_what_aog_accepts():
+    top = ROOT / "plugin.yaml"
+    assert top.read_text() == (ROOT / "ovms_plugin" / "plugin.yaml").read_text()
+    m = yaml.safe_load(top.read_text())
+    name = m["provider"]["name"]
+    assert "plugin" in name and "_" not in name and name not in ("openvino", "ollama")
+    assert m["provider"]["type"] == "local" and m["provider"]["version"] == __version__
+    assert m["platforms"]["linux_amd64"]["executable"] == "bin/linux-amd64/ovms-plugin"
+    for s in m["services"]:
+        assert s["config_ref"] == f"openvino:{s['service_name']}"
+        assert s["protocol"] == "HTTP" and s["expose_protocol"] == "HTTP"
+        if s["service_name"] in ("chat", "generate"):
+            assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True

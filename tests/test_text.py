@@ -1,0 +1,85 @@
+"""Request validation, streaming detokenization (UTF-8 split across tokens) and stop
+strings, with the test model's real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openvino_genai as ov_genai
+import pytest
+
+from ovms_plugin.service import text
+from ovms_plugin.service.errors import ServiceError
+from ovms_plugin.service.text import Detokenizer, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer(test_models: dict[str, Path]):
+    return ov_genai.Tokenizer(str(test_models["tiny-chat"]))
+
+
+def test_utf8_split_across_tokens_is_held_back(tokenizer):
+    sample = "héllo 世界 🙂 naïve — ok"
+    ids = tokenizer.encode(sample, add_special_tokens=False).input_ids.data[0].tolist()
+    # The byte-level vocabulary (trained on ASCII code) splits these characters into bytes.
+    assert len(ids) > len(sample) // 2
+    detok = Detokenizer(tokenizer)
+    pieces = [detok.push([i]) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == sample
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 5  # still streamed piece by piece
+
+
+def test_detokenizer_flushes_an_incomplete_tail(tokenizer):
+    ids = tokenizer.encode("🙂", add_special_tokens=False).input_ids.data[0].tolist()
+    assert len(ids) > 1
+    detok = Detokenizer(tokenizer)
+    assert detok.push(ids[:-1]) == ""
+    assert detok.flush() == tokenizer.decode(ids[:-1])  # the generation ended mid-character
+
+
+def test_stop_matcher_holds_back_a_possible_stop():
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == ("abc ", False)
+    assert m.feed("N") == ("", False)
+    assert m.feed("D and more") == ("", True)
+    m = StopMatcher(["END"])
+    assert m.feed("abc E") == ("abc ", False)
+    assert m.feed("x") == ("Ex", False)
+    assert m.flush() == ""
+    assert StopMatcher([]).feed("anything") == ("anything", False)
+
+
+def test_stop_matcher_earliest_of_several():
+    m = StopMatcher(["zz", "b"])
+    assert m.feed("aazzb") == ("aa", True)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ([], "JSON object"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "string"),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "only text"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": "a"}, "seed"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True},
+     "max_tokens"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "presence_penalty": 3}, "presence_penalty"),
+])
+def test_parse_refuses(body, needle):
+    with pytest.raises(ServiceError) as e:
+        text.parse("chat", body)
+    assert needle in str(e.value) and e.value.code == 4003 and e.value.http_status == 400
+
+
+def test_parse_accepts_openai_fields():
+    req = text.parse("chat", {"model": "m", "stream": True, "max_tokens": 5, "stop": "x",
+                              "temperature": 0, "seed": 3, "messages": [
+                                  {"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    assert req.stream and req.max_tokens == 5 and req.stop == ["x"] and req.seed == 3
+    assert req.messages[1] == {"role": "user", "content": "hi"}
+    assert text.parse("generate", {"model": "m", "prompt": ["one"]}).prompt == "one"
