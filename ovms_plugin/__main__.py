@@ -25,11 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", nargs="?", default="Write a haiku about local inference.")
     s.add_argument("--max-tokens", type=int, default=64)
     sub.add_parser("list", help="list installed models")
-    s = sub.add_parser("pull", help="install a model (a local folder of OpenVINO IR)")
+    s = sub.add_parser("pull", help="install a model: a Hugging Face repo id "
+                                    "(org/name[@revision]), a catalog name or a local folder")
     s.add_argument("model")
     s.add_argument("--name", default=None, help="name to install it under")
     s.add_argument("--type", dest="model_type", default=None,
                    help="service it is for: chat, generate, embed, rerank, text-to-image")
+    s.add_argument("--weight-format", default=None, choices=["fp32", "fp16", "int8", "int4"],
+                   help="weight compression when converting (default: by task and size)")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the repo's own Python code to run during conversion")
+    sub.add_parser("catalog", help="list the curated models that can be pulled by short name")
     s = sub.add_parser("rm", help="delete an installed model")
     s.add_argument("model")
     s = sub.add_parser("show", help="show an installed model's manifest")

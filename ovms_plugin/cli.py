@@ -48,10 +48,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from ovms_plugin.store import pull
     bar = ProgressBar()
     req = pull.PullRequest.from_json({"model": args.model, "name": args.name,
-                                      "model_type": args.model_type})
-    entry = pull.pull(_store(args), req, bar)
-    sys.stderr.write("\n")
+                                      "model_type": args.model_type,
+                                      "weight_format": args.weight_format,
+                                      "trust_remote_code": args.trust_remote_code})
+    try:
+        entry = pull.pull(_store(args), req, bar)
+    finally:
+        sys.stderr.write("\n")
     print(f"installed {entry.name} ({entry.task}) at {entry.path}")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from ovms_plugin.store import catalog
+    print(f"{'NAME':<28} {'SERVICES':<16} {'DEVICES':<16} {'SIZE':<24} REPO")
+    for e in catalog.entries().values():
+        print(f"{e.name:<28} {','.join(e.services):<16} {','.join(e.devices):<16} "
+              f"{e.size:<24} {e.repo}")
     return 0
 
 
@@ -139,8 +152,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pull": cmd_pull, "list": cmd_list, "show": cmd_show, "rm": cmd_rm,
-            "install-aog": cmd_install_aog, "demo": cmd_demo}
+COMMANDS = {"pull": cmd_pull, "catalog": cmd_catalog, "list": cmd_list, "show": cmd_show,
+            "rm": cmd_rm, "install-aog": cmd_install_aog, "demo": cmd_demo}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
+import json
 import logging
 import os
 import shutil
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 
 TINY_CHAT = "tiny-chat"
 TINY_CHAT_HF = "tiny-chat-hf"
+TINY_EMBED = "tiny-embed"
+TINY_EMBED_HF = "tiny-embed-hf"
+TINY_RERANK = "tiny-rerank"
+TINY_RERANK_HF = "tiny-rerank-hf"
+TINY_SD = "tiny-sd"
+TINY_SD_HF = "tiny-sd-hf"
 
 CACHE_ENV = "OVMS_PLUGIN_TEST_MODELS"
 
@@ -59,6 +67,49 @@ TINY_CHAT_CONFIG: dict[str, Any] = {
     # The default 0.02 makes greedy decoding repeat one token; 0.2 gives varied text.
     "initializer_range": 0.2,
 }
+
+# BertConfig arguments of the tiny embedding model and cross-encoder (random weights).
+TINY_BERT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    # The default 0.02 gives near-identical embeddings and reranker scores for all inputs.
+    "initializer_range": 0.2,
+}
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4
+_WORDPIECE_TRAINED_SIZE = 1600  # plus _WORDPIECE_EXTRA_CHARS: about 2200 in all
+# The stdlib corpus is almost all ASCII, so these scripts would be [UNK] only: every letter is
+# added as a word start and a "##" continuation, so non-ASCII text gets distinct token ids.
+_WORDPIECE_EXTRA_CHARS = "".join(
+    [
+        *map(chr, range(0x3B1, 0x3CA)),  # Greek α..ω
+        *map(chr, range(0x430, 0x450)),  # Cyrillic а..я
+        "ё",
+        *map(chr, range(0x621, 0x64B)),  # Arabic letters
+        *map(chr, range(0x3041, 0x3094)),  # Hiragana
+        *map(chr, range(0x30A1, 0x30F7)),  # Katakana
+        "日本語中文字人大学生国的一是不了在有我他这个们来到时猫狗天气好",  # CJK (split per char)
+    ]
+)
+
+# sentence-transformers files copied next to the IR (the server reads pooling/normalize there).
+SENTENCE_TRANSFORMERS_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling",
+    "2_Normalize",
+)
+
+# Words with their own BPE merges in the tiny Stable Diffusion tokenizer; any other text is
+# still tokenized, byte by byte.
+_SD_WORDS = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "photo", "painting", "portrait", "cat",
+    "dog", "house", "tree", "sky", "sunset", "mountain", "red", "green", "blue",
+)  # fmt: skip
 
 
 # --- corpus and tokenizer ---------------------------------------------------------------------
@@ -161,6 +212,277 @@ def make_tiny_chat_ir(out: Path) -> None:
                 shutil.copy2(src / name, out / name)
 
 
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+@functools.cache
+def _wordpiece_vocab() -> tuple[str, ...]:
+    """Lowercase WordPiece vocabulary trained on the stdlib corpus; index = token id."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    corpus = _stdlib_corpus()
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The trainer numbers the "##x" pieces in hash-map order (a different vocabulary order on
+    # each run, and ties between merges could then go either way): give them fixed ids first.
+    chars = {c for text in corpus for c in tok.normalizer.normalize_str(text)}
+    continuations = ["##" + c for c in sorted(chars) if not c.isspace()]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=_WORDPIECE_TRAINED_SIZE,
+        min_frequency=2,
+        special_tokens=[*BERT_SPECIAL_TOKENS, *continuations],
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    known = set(tokens)
+    for char in _WORDPIECE_EXTRA_CHARS:
+        for token in (char, "##" + char):
+            if token not in known:
+                known.add(token)
+                tokens.append(token)
+    return tuple(tokens)
+
+
+def _bert_tokenizer(model_max_length: int) -> Any:
+    """BertTokenizerFast (lowercase, accents stripped) over the stdlib WordPiece vocabulary."""
+    from transformers import BertTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_wordpiece_vocab())}
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
+
+
+def _make_bert_hf(out: Path, model_class_name: str, **config_args: Any) -> None:
+    """Random-weight tiny BERT of class ``model_class_name`` with its tokenizer files."""
+    import torch
+    import transformers
+
+    tokenizer = _bert_tokenizer(TINY_BERT_CONFIG["max_position_embeddings"])
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_BERT_CONFIG,
+        **config_args,
+    )
+    torch.manual_seed(_SEED)  # same weights on every build
+    model = getattr(transformers, model_class_name)(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # tokenizer.json, tokenizer_config.json
+    # transformers 5 writes neither of these; older loaders and other tools read them.
+    tokens = _wordpiece_vocab()
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    names = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+    _write_json(out / "special_tokens_map.json", dict(zip(names, BERT_SPECIAL_TOKENS, strict=True)))
+
+
+def _scrub_source_path(out: Path, src: Path, name: str) -> None:
+    """Replace the temporary source folder recorded in json files (``_name_or_path``)."""
+    for path in sorted(out.rglob("*.json")):
+        text = path.read_text(encoding="utf-8")
+        if str(src) in text:
+            path.write_text(text.replace(str(src), name), encoding="utf-8")
+
+
+def make_tiny_embed_hf(out: Path) -> None:
+    """Tiny sentence-transformers model (BertModel, mean pooling, normalize) in ``out``."""
+    _make_bert_hf(out, "BertModel")
+    # The classic sentence-transformers layout, as models on the Hub ship it.
+    _write_json(
+        out / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            },
+        ],
+    )
+    _write_json(
+        out / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": TINY_BERT_CONFIG["hidden_size"],
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    )
+    (out / "2_Normalize").mkdir()
+    _write_json(
+        out / "sentence_bert_config.json",
+        {"max_seq_length": TINY_BERT_CONFIG["max_position_embeddings"], "do_lower_case": False},
+    )
+    _write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": {"sentence_transformers": "2.0.0"},
+            "prompts": {},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+
+
+def make_tiny_embed_ir(out: Path) -> None:
+    """The tiny embedding model as IR for TextEmbeddingPipeline (MEAN pooling, normalize).
+
+    Exported as plain ``feature-extraction`` (one output, ``last_hidden_state``): with
+    ``library="sentence_transformers"`` the IR has two outputs (``token_embeddings``,
+    ``sentence_embedding``) and TextEmbeddingPipeline refuses it.
+    """
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-embed-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_embed_hf(src)
+        export_to_ir(src, out, task="feature-extraction", weight_format="fp32")
+        _scrub_source_path(out, src, TINY_EMBED_HF)
+        for name in SENTENCE_TRANSFORMERS_FILES:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, out / name)
+            else:
+                shutil.copy2(src / name, out / name)
+
+
+def make_tiny_rerank_hf(out: Path) -> None:
+    """Tiny cross-encoder (BertForSequenceClassification, one logit) in ``out``."""
+    _make_bert_hf(out, "BertForSequenceClassification", num_labels=1)
+
+
+def make_tiny_rerank_ir(out: Path) -> None:
+    """The tiny cross-encoder as IR for TextRerankPipeline (scores = sigmoid(logit))."""
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-rerank-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_rerank_hf(src)
+        export_to_ir(src, out, task="text-classification", weight_format="fp32")
+        _scrub_source_path(out, src, TINY_RERANK_HF)
+
+
+def _clip_tokenizer(words: Sequence[str]) -> Any:
+    """CLIPTokenizer: all 256 bytes (plain and with ``</w>``) plus merges spelling ``words``."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in [*byte_chars, *(c + "</w>" for c in byte_chars)]:
+        vocab[token] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: "c a", "ca t</w>"
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            parts = [pair[0] + pair[1], *parts[2:]]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def make_tiny_sd_hf(out: Path) -> None:
+    """Tiny Stable Diffusion pipeline in diffusers format (random weights) in ``out``.
+
+    The VAE has four blocks, so images are 8x the latent size as in real SD 1.x; the UNet's
+    ``sample_size`` 8 makes 64x64 the default image size.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _clip_tokenizer(_SD_WORDS)
+    torch.manual_seed(_SEED)  # same weights on every build
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=64,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out)
+
+
+def make_tiny_sd_ir(out: Path) -> None:
+    """The tiny Stable Diffusion pipeline as IR for Text2ImagePipeline in ``out``."""
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_sd_hf(src)
+        export_to_ir(src, out, task="text-to-image", weight_format="fp32")
+        _scrub_source_path(out, src, TINY_SD_HF)  # diffusers records it in every config
+
+
 @dataclass(frozen=True)
 class Recipe:
     build: Callable[[Path], None]
@@ -170,6 +492,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     TINY_CHAT: Recipe(make_tiny_chat_ir, 1),
     TINY_CHAT_HF: Recipe(make_tiny_chat_hf, 1),
+    TINY_EMBED: Recipe(make_tiny_embed_ir, 1),
+    TINY_EMBED_HF: Recipe(make_tiny_embed_hf, 1),
+    TINY_RERANK: Recipe(make_tiny_rerank_ir, 1),
+    TINY_RERANK_HF: Recipe(make_tiny_rerank_hf, 1),
+    TINY_SD: Recipe(make_tiny_sd_ir, 1),
+    TINY_SD_HF: Recipe(make_tiny_sd_hf, 1),
 }
 
 

@@ -66,6 +66,39 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def parse_bytes(value: Any) -> int:
+    """8GB, 512MiB, 1.5G or a plain number of bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    text = str(value).strip().upper().replace("IB", "B")
+    for suffix, scale in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("KB", 2**10),
+                          ("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10), ("B", 1)):
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"{value!r} is not a size; write it like 8GB or 512MB") from None
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget_bytes(data: dict | None = None) -> int:
+    """How much memory the plugin may use for models, conversions included: the
+    `memory_budget` setting or OVMS_PLUGIN_MEMORY_BUDGET; by default 75 % of physical
+    memory, leaving the rest to the desktop."""
+    data = load_file() if data is None else data
+    value = os.environ.get("OVMS_PLUGIN_MEMORY_BUDGET") or data.get("memory_budget")
+    if value is None:
+        return int(physical_memory_bytes() * 0.75)
+    return parse_bytes(value)
+
+
 def default_kv_cache_gb(model_bytes: int) -> int:
     """A bounded KV cache (SchedulerConfig.cache_size takes whole GB): a quarter of what is
     free once the weights are in, between 1 and 8 GB. An unbounded dynamic cache grows until

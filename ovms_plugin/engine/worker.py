@@ -10,7 +10,6 @@ parent-death signal, and EOF on the engine socket.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -25,10 +24,10 @@ from typing import Any, Protocol
 
 from ovms_plugin.engine import ipc
 from ovms_plugin.logs import setup_logging
+from ovms_plugin.procs import die_with_parent
 
 log = logging.getLogger("ovms_plugin.worker")
 
-_PR_SET_PDEATHSIG = 1
 
 
 class Engine(Protocol):
@@ -47,16 +46,6 @@ def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
         from ovms_plugin.engine.llm import LLMEngine
         return LLMEngine(model_dir, config)
     raise ValueError(f"unknown engine kind {kind!r}")
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the socket EOF watch below still ends us
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _reader(sock: socket.socket, inbox: queue.SimpleQueue) -> None:
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--name", default="")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in AOG's terminal is not for us
     setup_logging(prefix=f"worker[{args.name or args.model_dir.name}] ")
     sock = socket.socket(fileno=args.fd)

@@ -1,21 +1,35 @@
-"""Pulling a model into the store. Every pull is staged in <store>/.staging and installed
-with one rename after validation, so a failed or cancelled pull leaves nothing behind.
+"""Pulling a model into the store, from a Hugging Face repo (`org/name[@revision]`), a
+catalog short name, or a local folder (OpenVINO IR or Hugging Face format).
 
-Progress messages follow the contract: {"status", "digest"?, "total"?, "completed"?},
+Every pull is staged in <store>/.staging and installed with one rename after validation
+(the IR loads, the tokenizer round-trips, a chat template renders, one smallest request
+runs), so a failed or cancelled pull never leaves a half model behind. Conversion and
+validation run in a child process (store/job.py). Downloads go to <store>/.downloads and
+resume on the next pull after an interruption; a cancelled pull removes them.
+
+Progress messages follow the AOG contract: {"status", "digest"?, "total"?, "completed"?},
 then {"status": "success"}.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ovms_plugin import settings
+from ovms_plugin.store import catalog, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
     ModelEntry,
@@ -23,8 +37,12 @@ from ovms_plugin.store.store import (
     StoreError,
     check_name,
     describe_folder,
-    detect_task,
+    folder_name,
+    is_openvino,
+    read_json,
+    relative_files,
     sha256_file,
+    task_from,
 )
 
 log = logging.getLogger(__name__)
@@ -33,6 +51,7 @@ log = logging.getLogger(__name__)
 SERVICE_TASKS = {"chat": "text-generation", "generate": "text-generation",
                  "embed": "feature-extraction", "rerank": "text-classification",
                  "text-to-image": "text-to-image"}
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 # Files an installed model of each task must hold.
 REQUIRED_FILES = {
     "text-generation": ["openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
@@ -43,6 +62,12 @@ REQUIRED_FILES = {
                             "openvino_tokenizer.xml"],
     "text-to-image": ["model_index.json"],
 }
+# Small files read before any large download, to know what the repo is.
+METADATA = ("config.json", "modules.json", "model_index.json")
+# Weights of other frameworks, never needed for conversion from safetensors.
+_SKIP_SUFFIXES = (".h5", ".msgpack", ".ot", ".onnx", ".onnx_data", ".gguf", ".tflite",
+                  ".mlmodel", ".pte")
+_SKIP_DIRS = ("onnx/", "tf/", "flax/", "coreml/", "openvino/", "mlx/", "gguf/")
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -56,42 +81,75 @@ class PullRequest:
     model: str
     name: str | None = None
     model_type: str | None = None
+    weight_format: str | None = None
+    trust_remote_code: bool = False
 
     @classmethod
     def from_json(cls, body: Any) -> PullRequest:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) \
                 or not body["model"]:
-            raise StoreError("the pull request needs 'model': a local folder of OpenVINO IR "
-                             "or a model name")
-        model_type = body.get("model_type") or None
-        if model_type is not None and model_type not in SERVICE_TASKS:
-            raise StoreError(f"unknown model_type {model_type!r}; use one of "
+            raise StoreError("the pull request needs 'model': a Hugging Face repo id "
+                             "(org/name[@revision]), a catalog name, or a local folder")
+        req = cls(model=body["model"].strip(), name=body.get("name") or None,
+                  model_type=body.get("model_type") or None,
+                  weight_format=body.get("weight_format") or None,
+                  trust_remote_code=bool(body.get("trust_remote_code", False)))
+        if req.model_type is not None and req.model_type not in SERVICE_TASKS:
+            raise StoreError(f"unknown model_type {req.model_type!r}; use one of "
                              f"{sorted(SERVICE_TASKS)}")
-        name = body.get("name") or None
-        return cls(model=body["model"], name=name, model_type=model_type)
+        if req.weight_format is not None and req.weight_format not in WEIGHT_FORMATS:
+            raise StoreError(f"unknown weight_format {req.weight_format!r}; use one of "
+                             f"{list(WEIGHT_FORMATS)}")
+        return req
 
 
 def pull(store: ModelStore, req: PullRequest, progress: Progress,
          cancel: threading.Event | None = None) -> ModelEntry:
     """Pulls synchronously (run it in a thread); raises StoreError with a clear reason."""
     cancel = cancel or threading.Event()
-    src = Path(req.model).expanduser()
-    if src.is_absolute() or req.model.startswith("."):
-        if not src.is_dir():
-            raise StoreError(f"{req.model} is not a folder; give a folder that holds an "
-                             "OpenVINO model (openvino_model.xml, tokenizer IR)")
-        name = check_name(req.name or src.resolve().name)
-        return _pull_local(store, src, name, req.model_type, progress, cancel)
-    check_name(req.name or req.model)
-    raise StoreError(f"model {req.model!r} is not installed and pulling from Hugging Face is "
-                     "not supported by this version; pull a local folder of OpenVINO IR "
-                     "(an absolute path) instead")
+    spec = req.model
+    path = Path(spec).expanduser()
+    if spec.startswith(("/", "./", "../", "~")) or (path.is_dir() and "/" not in spec):
+        if not path.is_dir():
+            raise StoreError(f"{spec} is not a folder; give a folder that holds an OpenVINO "
+                             "model or a Hugging Face model")
+        name = check_name(req.name or path.resolve().name)
+        with _pull_lock(store, name):
+            return _pull_local(store, path.resolve(), name, req, progress, cancel)
+    entry = catalog.lookup(spec)
+    if entry is not None:
+        if req.model_type and req.model_type not in entry.services:
+            raise StoreError(f"catalog model {spec!r} is for {list(entry.services)}, not "
+                             f"{req.model_type!r}")
+        req = PullRequest(model=entry.repo, name=req.name or spec, model_type=req.model_type,
+                          weight_format=req.weight_format or entry.weight_format,
+                          trust_remote_code=req.trust_remote_code)
+    repo_id, revision = hub.parse_repo(req.model)
+    if repo_id.count("/") != 1:
+        known = ", ".join(sorted(catalog.entries()))
+        raise StoreError(f"{spec!r} is not a local folder, a catalog name or a Hugging Face "
+                         f"repo id (org/name); catalog names: {known}")
+    name = check_name(req.name or repo_id)
+    with _pull_lock(store, name):
+        return _pull_hub(store, repo_id, revision, name, req, progress, cancel)
+
+
+@contextmanager
+def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
+    """One pull of a model at a time, across threads and processes: a second pull of the
+    same model waits, then finds it installed and up to date (one download for both)."""
+    lock_dir = store.root / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{folder_name(name)}.pull.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _check_task(task: str | None, model_type: str | None, where: str) -> str:
     if task is None:
-        raise StoreError(f"{where} holds no OpenVINO model: expected openvino_model.xml (or "
-                         "model_index.json for an image pipeline)")
+        raise StoreError(f"{where} is not a model this plugin can serve: found no "
+                         "openvino_model.xml, config.json architectures, modules.json or "
+                         "model_index.json it recognises")
     if model_type and SERVICE_TASKS[model_type] != task:
         raise StoreError(f"{where} is a {task} model, but model_type {model_type!r} needs a "
                          f"{SERVICE_TASKS[model_type]} model; pull it with a matching "
@@ -99,62 +157,274 @@ def _check_task(task: str | None, model_type: str | None, where: str) -> str:
     return task
 
 
-def _pull_local(store: ModelStore, src: Path, name: str, model_type: str | None,
+def default_weight_format(task: str, n_params: int) -> str:
+    """int4 for LLMs over 1B parameters, int8 for smaller LLMs, embedding and reranking
+    models, fp16 for diffusion pipelines."""
+    if task == "text-generation":
+        return "int4" if n_params > 10**9 else "int8"
+    if task == "text-to-image":
+        return "fp16"
+    return "int8"
+
+
+def _weights_bytes(files: dict[str, int]) -> int:
+    return sum(size for path, size in files.items()
+               if path.endswith((".safetensors", ".bin", ".pt", ".pth")))
+
+
+def _check_resources(what: str, disk_needed: int, disk_at: Path, memory_needed: int) -> None:
+    free = shutil.disk_usage(_existing(disk_at)).free
+    if disk_needed > free:
+        raise StoreError(f"not enough disk space for {what}: needs about "
+                         f"{_gb(disk_needed)}, {_gb(free)} free in {disk_at}")
+    if memory_needed:
+        available = min(settings.available_memory_bytes(), settings.memory_budget_bytes())
+        if memory_needed > available:
+            raise StoreError(f"not enough memory to convert {what}: needs about "
+                             f"{_gb(memory_needed)}, {_gb(available)} available (free memory "
+                             "within the plugin's memory budget); close other programs, "
+                             "raise memory_budget, or pull a pre-converted OpenVINO repo")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**27 else f"{n / 2**20:.1f} MB"
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _convert_memory(n_params: int, weights: int) -> int:
+    """Peak memory of an optimum-intel export: the model in fp32 plus its working copy
+    (measured here: 0.4B parameters peak at 2.5 GB, 1.4B at 7.3 GB)."""
+    return int(max(n_params * 4, weights) * 1.4) + 512 * 2**20
+
+
+# --- local folders ---------------------------------------------------------------------
+
+def _pull_local(store: ModelStore, src: Path, name: str, req: PullRequest,
                 progress: Progress, cancel: threading.Event) -> ModelEntry:
-    task = _check_task(detect_task(src), model_type, str(src))
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST)
-    need = sum(p.stat().st_size for p in files)
-    free = shutil.disk_usage(store.root if store.root.exists() else
-                             _existing_parent(store.root)).free
-    if need > free:
-        raise StoreError(f"not enough disk space for {name}: needs {need} bytes, "
-                         f"{free} available in {store.root}")
+    files = relative_files(src) - {MANIFEST}
+    config = read_json(src / "config.json")
+    task = _check_task(task_from(files, config), req.model_type, str(src))
     staged = store.staging_dir()
     try:
-        hashes = {}
-        for p in files:
-            rel = p.relative_to(src).as_posix()
-            size = p.stat().st_size
-            done = 0
-            dst = staged / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with open(p, "rb") as fin, open(dst, "wb") as fout:
-                while chunk := fin.read(4 << 20):
-                    if cancel.is_set():
-                        raise PullCancelled(f"pull of {name} was cancelled")
-                    fout.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    progress({"status": f"copying {rel}", "digest": rel,
-                              "total": size, "completed": done})
-            if size == 0:
-                progress({"status": f"copying {rel}", "total": 0, "completed": 0})
-            hashes[rel] = h.hexdigest()
-        progress({"status": "verifying"})
-        _validate(staged, task)
-        manifest = describe_folder(staged, task=task, source=str(src.resolve()),
-                                   model_type=model_type, hashes=hashes)
-        progress({"status": "writing manifest"})
-        entry = store.install(staged, name, manifest)
+        if is_openvino(files):
+            hashes = _copy_tree(src, staged, sorted(files), progress, cancel)
+            weight_format = None
+        else:
+            n_params = ir.parameter_count_from_config(config) or \
+                _weights_bytes({f: (src / f).stat().st_size for f in files}) // 2
+            weight_format = req.weight_format or default_weight_format(task, n_params)
+            weights = _weights_bytes({f: (src / f).stat().st_size for f in files})
+            _check_resources(name, weights * 2, store.root, _convert_memory(n_params, weights))
+            _convert(src, staged, task, weight_format, req, progress, cancel)
+            hashes = {}
+        return _finish(store, staged, name, task, req, progress, cancel, hashes,
+                       source=str(src), revision=None, weight_format=weight_format)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _copy_tree(src: Path, dst: Path, files: list[str], progress: Progress,
+               cancel: threading.Event) -> dict[str, str]:
+    hashes = {}
+    for rel in files:
+        size = (src / rel).stat().st_size
+        out = dst / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        done = 0
+        with open(src / rel, "rb") as fin, open(out, "wb") as fout:
+            while chunk := fin.read(4 << 20):
+                if cancel.is_set():
+                    raise PullCancelled("the pull was cancelled")
+                fout.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                progress({"status": f"copying {rel}", "digest": rel, "total": size,
+                          "completed": done})
+        hashes[rel] = h.hexdigest()
+    return hashes
+
+
+# --- Hugging Face repos ----------------------------------------------------------------
+
+def _wanted(repo: hub.RemoteRepo, openvino: bool) -> list[hub.RemoteFile]:
+    """The files to download: all of an OpenVINO repo; of others, what conversion needs
+    (safetensors rather than duplicate PyTorch .bin weights, no other frameworks)."""
+    files = [f for f in repo.files if not f.path.startswith(".")]
+    if openvino:
+        return files
+    files = [f for f in files if not f.path.endswith(_SKIP_SUFFIXES)
+             and not f.path.startswith(_SKIP_DIRS)]
+    folders_with_safetensors = {os.path.dirname(f.path) for f in files
+                                if f.path.endswith(".safetensors")}
+    return [f for f in files if not (
+        f.path.endswith((".bin", ".pt", ".pth")) and "pytorch_model" in f.path
+        and os.path.dirname(f.path) in folders_with_safetensors)]
+
+
+def _pull_hub(store: ModelStore, repo_id: str, revision: str, name: str, req: PullRequest,
+              progress: Progress, cancel: threading.Event) -> ModelEntry:
+    progress({"status": f"pulling manifest {repo_id}@{revision}"})
+    repo = hub.repo_info(repo_id, revision)
+    source = f"hf:{repo_id}"
+    current = store.find(name)
+    if current is not None and current.manifest.get("source") == source and \
+            current.manifest.get("revision") == repo.sha:
+        _check_task(current.task, req.model_type, repo_id)
+        progress({"status": f"{name} is up to date ({repo.sha[:12]})"})
+        progress({"status": "success"})
+        return current
+    paths = {f.path for f in repo.files}
+    openvino = is_openvino(paths)
+    downloads = store.root / ".downloads" / f"{folder_name(repo_id)}@{repo.sha}"
+    staged: Path | None = None
+    try:
+        for meta in METADATA:  # small: learn what the repo is before any large download
+            if repo.has(meta):
+                rf = next(f for f in repo.files if f.path == meta)
+                hub.fetch(repo, rf, downloads / meta, lambda n: None, cancel)
+        config = read_json(downloads / "config.json")
+        task = _check_task(task_from(paths, config), req.model_type, repo_id)
+        wanted = _wanted(repo, openvino)
+        total = sum(f.size for f in wanted)
+        weights = _weights_bytes({f.path: f.size for f in wanted})
+        n_params = ir.parameter_count_from_config(config) or weights // 2
+        weight_format = None if openvino else \
+            req.weight_format or default_weight_format(task, n_params)
+        _check_resources(name, total if openvino else total + weights, store.root,
+                         0 if openvino else _convert_memory(n_params, weights))
+        for rf in wanted:
+            digest = f"sha256:{rf.sha256}" if rf.sha256 else f"git:{rf.blob_id or rf.path}"
+
+            def report(done: int, rf: hub.RemoteFile = rf, digest: str = digest) -> None:
+                progress({"status": f"pulling {rf.path}", "digest": digest,
+                          "total": rf.size, "completed": done})
+
+            hub.fetch(repo, rf, downloads / rf.path, report, cancel)
+        if cancel.is_set():
+            raise PullCancelled("the pull was cancelled")
+        _remove_locks(downloads)
+        if openvino:
+            staged = store.staging_dir()
+            os.rename(downloads, staged)  # onto the empty staging folder: no copy
+            hashes = {f.path: f.sha256 for f in wanted if f.sha256}
+        else:
+            staged = store.staging_dir()
+            _convert(downloads, staged, task, weight_format, req, progress, cancel)
+            hashes = {}
+        entry = _finish(store, staged, name, task, req, progress, cancel, hashes,
+                        source=source, revision=repo.sha, weight_format=weight_format)
+        shutil.rmtree(downloads, ignore_errors=True)
+        return entry
+    except hub.TransferInterrupted:
+        raise  # keep what arrived: the next pull resumes it
+    except hub.DownloadCancelled as e:
+        shutil.rmtree(downloads, ignore_errors=True)
+        raise PullCancelled(str(e)) from None
+    except BaseException:
+        shutil.rmtree(downloads, ignore_errors=True)
+        raise
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _remove_locks(folder: Path) -> None:
+    for p in folder.rglob("*.lock"):
+        p.unlink(missing_ok=True)
+
+
+# --- conversion, validation, install ---------------------------------------------------
+
+def _convert(src: Path, dst: Path, task: str, weight_format: str | None, req: PullRequest,
+             progress: Progress, cancel: threading.Event) -> None:
+    library = "sentence_transformers" if task == "feature-extraction" and \
+        (src / "modules.json").is_file() else None
+    progress({"status": f"converting to OpenVINO IR ({task}, {weight_format or 'default'})"})
+    result = run_job({"convert": {"src": str(src), "dst": str(dst), "task": task,
+                                  "weight_format": weight_format, "library": library,
+                                  "trust_remote_code": req.trust_remote_code}}, cancel)
+    log.info("converted in %.1fs, peak memory %s", result.get("convert_seconds", 0),
+             _gb(result.get("peak_rss_bytes", 0)))
+    # Keep the sentence-transformers description (pooling, normalisation) with the IR.
+    for extra in ("modules.json", "sentence_bert_config.json",
+                  "config_sentence_transformers.json"):
+        if (src / extra).is_file() and not (dst / extra).exists():
+            shutil.copy2(src / extra, dst / extra)
+    for sub in src.glob("*_Pooling"):
+        if sub.is_dir() and not (dst / sub.name).exists():
+            shutil.copytree(sub, dst / sub.name)
+
+
+def _finish(store: ModelStore, staged: Path, name: str, task: str, req: PullRequest,
+            progress: Progress, cancel: threading.Event, hashes: dict[str, str],
+            **fields: Any) -> ModelEntry:
+    missing = [f for f in REQUIRED_FILES[task] if not (staged / f).is_file()]
+    if missing:
+        raise StoreError(f"the model is incomplete: {', '.join(missing)} missing (a {task} "
+                         f"model needs {', '.join(REQUIRED_FILES[task])})")
+    progress({"status": "validating"})
+    result = run_job({"validate": {"folder": str(staged), "task": task,
+                                   "model_type": req.model_type}}, cancel)
+    progress({"status": "writing manifest"})
+    manifest = describe_folder(staged, hashes=hashes, task=task, model_type=req.model_type,
+                               trust_remote_code=req.trust_remote_code,
+                               validation=result.get("validation", {}), **fields)
+    entry = store.install(staged, name, manifest)
     progress({"status": "success"})
     return entry
 
 
-def _validate(folder: Path, task: str) -> None:
-    missing = [f for f in REQUIRED_FILES[task] if not (folder / f).is_file()]
-    if missing:
-        raise StoreError(f"the model is incomplete: {', '.join(missing)} missing (a "
-                         f"{task} model needs {', '.join(REQUIRED_FILES[task])})")
+def run_job(spec: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+    """Runs store/job.py in a child process; kills it when `cancel` is set."""
+    proc = subprocess.Popen([sys.executable, "-m", "ovms_plugin.store.job", json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    relay.start()
+    reader.start()
+    try:
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel.is_set():
+                    proc.kill()
+                    proc.wait()
+                    raise PullCancelled("the pull was cancelled") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdin:
+            proc.stdin.close()
+    reader.join(5)
+    relay.join(5)
+    result: dict[str, Any] = {}
+    for line in reversed(lines):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if not result.get("ok"):
+        why = result.get("error") or f"the job process exited with code {proc.returncode}"
+        raise StoreError(why)
+    return result
 
 
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _relay(stream: Any) -> None:
+    for line in stream:
+        sys.stderr.write(line)
 
 
 def verify(entry: ModelEntry) -> list[str]:

@@ -63,19 +63,39 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def detect_task(folder: Path) -> str | None:
-    """The task of an OpenVINO model folder, from its files."""
-    if (folder / "model_index.json").is_file():
+def task_from(files: set[str], config: dict[str, Any]) -> str | None:
+    """The task of a model from its file names and config.json, for OpenVINO IR and
+    Hugging Face formats alike (a local folder or a Hub repo's file list)."""
+    if "model_index.json" in files:
         return "text-to-image"
-    if not (folder / "openvino_model.xml").is_file():
-        return None
-    config = read_json(folder / "config.json")
-    archs = " ".join(config.get("architectures") or [])
-    if "ForSequenceClassification" in archs:
+    if "modules.json" in files:
+        return "feature-extraction"
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
         return "text-classification"
-    if (folder / "openvino_detokenizer.xml").is_file() or "ForCausalLM" in archs:
+    if "openvino_detokenizer.xml" in files or any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "text-generation"
-    return "feature-extraction"
+    if "openvino_model.xml" in files or any(a.endswith(("Model", "ForMaskedLM"))
+                                             for a in archs):
+        return "feature-extraction"
+    return None
+
+
+def is_openvino(files: set[str]) -> bool:
+    return any(f == "openvino_model.xml" or f.endswith("/openvino_model.xml") for f in files)
+
+
+def relative_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def detect_task(folder: Path) -> str | None:
+    """The task of an OpenVINO model folder; None when it holds no OpenVINO model."""
+    files = relative_files(folder)
+    if not is_openvino(files):
+        return None
+    return task_from(files, read_json(folder / "config.json"))
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -220,11 +240,16 @@ class ModelStore:
         name = manifest.get("name") or folder.name.replace("--", "/")
         return ModelEntry(name=name, path=folder, manifest=manifest)
 
-    def get(self, name: str) -> ModelEntry:
+    def find(self, name: str) -> ModelEntry | None:
         if isinstance(name, str) and _NAME_RE.match(name) and ".." not in name:
             folder = self.folder(name)
-            if folder.is_dir() and (entry := self._entry(folder)) is not None:
-                return entry
+            if folder.is_dir():
+                return self._entry(folder)
+        return None
+
+    def get(self, name: str) -> ModelEntry:
+        if (entry := self.find(name)) is not None:
+            return entry
         available = ", ".join(e.name for e in self.list()) or "none installed"
         raise ModelNotFound(f"model {name!r} is not in the model store ({self.root}); "
                             f"available: {available}. Pull it first (PullModel or "

@@ -1,0 +1,127 @@
+"""Conversion and validation of a model, run in a child process by store.pull:
+
+    python -m ovms_plugin.store.job '{"convert": {...}?, "validate": {...}?}'
+
+A child, so the conversion's memory (at least the original model's size) goes back to the
+system when it ends, a crash cannot take the plugin down, and a cancelled pull can kill
+it. Its last stdout line is a JSON result: {"ok": true, "peak_rss_bytes", "seconds"} or
+{"ok": false, "error"}. It exits when its stdin (a pipe from the parent) closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ovms_plugin.logs import setup_logging
+from ovms_plugin.procs import exit_on_stdin_eof
+
+log = logging.getLogger("ovms_plugin.job")
+
+SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
+
+
+class ValidationError(Exception):
+    pass
+
+
+def convert(src: str, dst: str, task: str, weight_format: str | None, library: str | None,
+            trust_remote_code: bool) -> None:
+    from ovms_plugin.store.convert import export_to_ir
+    export_task = {"text-generation": "text-generation-with-past"}.get(task, task)
+    export_to_ir(Path(src), Path(dst), task=export_task, weight_format=weight_format,
+                 library=library, trust_remote_code=trust_remote_code)
+
+
+def validate(folder: str, task: str, model_type: str | None) -> dict[str, Any]:
+    """Loads the model the way the engine will and runs the smallest real request."""
+    import openvino_genai as ov_genai
+    path = Path(folder)
+    if task == "text-generation":
+        tok = ov_genai.Tokenizer(folder)
+        ids = tok.encode(SAMPLE, add_special_tokens=False).input_ids.data[0].tolist()
+        back = tok.decode(ids)
+        if back != SAMPLE:
+            raise ValidationError(f"the tokenizer does not round-trip text: {SAMPLE!r} came "
+                                  f"back as {back!r}")
+        template = ""
+        try:
+            template = tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                               add_generation_prompt=True)
+        except Exception as e:
+            if model_type == "chat":
+                raise ValidationError(f"the chat template does not render: {e}") from None
+        if model_type == "chat" and "hi" not in template:
+            raise ValidationError("the model has no chat template; pull it as "
+                                  "model_type 'generate', or pick an instruct/chat model")
+        pipe = ov_genai.LLMPipeline(folder, "CPU")
+        pipe.generate("Hello", max_new_tokens=1)
+        return {"chat_template": bool(template)}
+    if task == "feature-extraction":
+        pipe = ov_genai.TextEmbeddingPipeline(folder, "CPU")
+        if not len(pipe.embed_query("hello")):
+            raise ValidationError("the embedding model returned an empty vector")
+        return {}
+    if task == "text-classification":
+        pipe = ov_genai.TextRerankPipeline(folder, "CPU")
+        if len(pipe.rerank("query", ["a document", "another one"])) != 2:
+            raise ValidationError("the reranker did not score every document")
+        return {}
+    if task == "text-to-image":
+        pipe = ov_genai.Text2ImagePipeline(folder, "CPU")
+        side = _smallest_side(path)
+        pipe.generate("a test", width=side, height=side, num_inference_steps=1)
+        return {"smallest_side": side}
+    raise ValidationError(f"unknown task {task!r}")
+
+
+def _smallest_side(folder: Path) -> int:
+    """A small valid image side: 8 latent pixels times the VAE's scale factor."""
+    try:
+        vae = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    except (OSError, ValueError):
+        scale = 8
+    return 8 * scale
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if c := spec.get("convert"):
+        started = time.monotonic()
+        convert(**c)
+        out["convert_seconds"] = round(time.monotonic() - started, 2)
+    if v := spec.get("validate"):
+        started = time.monotonic()
+        out["validation"] = validate(**v)
+        out["validate_seconds"] = round(time.monotonic() - started, 2)
+    return out
+
+
+def main() -> int:
+    exit_on_stdin_eof()
+    setup_logging(prefix="job ")
+    spec = json.loads(sys.argv[1])
+    started = time.monotonic()
+    try:
+        result = {"ok": True, **run(spec)}
+    except ValidationError as e:
+        result = {"ok": False, "error": f"validation failed: {e}"}
+    except Exception as e:
+        log.error("job failed:\n%s", traceback.format_exc())
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    result["seconds"] = round(time.monotonic() - started, 2)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

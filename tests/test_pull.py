@@ -1,0 +1,318 @@
+"""Pulls through the real huggingface_hub client from a Hub look-alike on loopback:
+convert-by-type, the pre-converted fast path, detection, progress, resume, corruption,
+concurrency, cancellation, disk full, refusals, and names that try to escape."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import descendants
+from hub_server import HubServer
+
+from ovms_plugin.store import pull
+from ovms_plugin.store.store import STAGING, ModelStore, StoreError
+
+IR_BIN = "openvino_model.bin"  # 1.3 MB in the tiny chat IR: an "LFS" file on the Hub
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, test_models: dict[str, Path]) -> Iterator[HubServer]:
+    with HubServer() as server:
+        server.add_repo("org/tiny-chat", test_models["tiny-chat-hf"])
+        server.add_repo("OpenVINO/tiny-chat-ov", test_models["tiny-chat"])
+        server.add_repo("org/gated-chat-ov", test_models["tiny-chat"], gated=True)
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield server
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+def do_pull(store: ModelStore, model: str, cancel: threading.Event | None = None,
+            **kw) -> tuple[list[dict], object]:
+    msgs: list[dict] = []
+    entry = pull.pull(store, pull.PullRequest(model=model, **kw), msgs.append, cancel)
+    return msgs, entry
+
+
+def assert_clean(store: ModelStore) -> None:
+    """Nothing half-done: no model, nothing staged, no partial download."""
+    assert store.list() == []
+    staging = store.root / STAGING
+    assert not staging.exists() or not any(staging.iterdir())
+    downloads = store.root / ".downloads"
+    assert not downloads.exists() or not any(downloads.iterdir())
+
+
+def test_preconverted_repo_is_downloaded_only(hub: HubServer, store: ModelStore,
+                                              test_models: dict[str, Path]):
+    msgs, entry = do_pull(store, "OpenVINO/tiny-chat-ov", model_type="chat")
+    assert not any("converting" in m.get("status", "") for m in msgs)
+    assert entry.name == "OpenVINO/tiny-chat-ov" and entry.task == "text-generation"
+    m = entry.manifest
+    assert m["source"] == "hf:OpenVINO/tiny-chat-ov" and len(m["revision"]) == 40
+    assert m["weight_format"] is None and m["quantization_level"] == "FP32"
+    # Progress: per file, totals right, completed reaching them; success last.
+    finals = {}
+    for msg in msgs:
+        if "total" in msg:
+            assert 0 < msg["completed"] <= msg["total"]
+            finals[msg["status"].removeprefix("pulling ")] = (msg["completed"], msg["total"])
+    src = test_models["tiny-chat"]
+    for path, (done, total) in finals.items():
+        assert done == total == (src / path).stat().st_size, path
+    assert IR_BIN in finals and msgs[-1] == {"status": "success"}
+    assert (entry.path / IR_BIN).read_bytes() == (src / IR_BIN).read_bytes()
+    assert pull.verify(entry) == []
+    assert not (store.root / ".downloads").exists() or \
+        not any((store.root / ".downloads").iterdir())
+    # Pulling again: up to date, nothing downloaded.
+    hub.reset_counters()
+    msgs, _ = do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert any("up to date" in m.get("status", "") for m in msgs)
+    assert sum(hub.bytes_sent.values()) == 0
+
+
+def test_hf_chat_repo_is_converted_by_type(hub: HubServer, store: ModelStore):
+    msgs, entry = do_pull(store, "org/tiny-chat", model_type="chat", name="conv-chat")
+    assert any(m.get("status", "").startswith("converting") for m in msgs)
+    assert any(m.get("status") == "validating" for m in msgs)
+    m = entry.manifest
+    assert m["task"] == "text-generation" and m["weight_format"] == "int8"
+    assert m["quantization_level"] == "INT8" and m["validation"]["chat_template"] is True
+    assert (entry.path / "openvino_detokenizer.xml").is_file()
+
+
+def test_detection_without_model_type_and_weight_override(hub: HubServer, store: ModelStore):
+    _, entry = do_pull(store, "org/tiny-chat", name="detected", weight_format="fp16")
+    assert entry.task == "text-generation" and entry.manifest["model_type"] is None
+    assert entry.manifest["quantization_level"] == "FP16"
+
+
+def test_mismatched_model_type_is_refused_before_downloading(hub: HubServer,
+                                                             store: ModelStore):
+    with pytest.raises(StoreError, match="text-generation model, but model_type 'embed'"):
+        do_pull(store, "OpenVINO/tiny-chat-ov", model_type="embed")
+    assert hub.bytes_sent.get(IR_BIN, 0) == 0  # only the small metadata was read
+    assert_clean(store)
+
+
+def test_resume_after_the_server_drops_mid_file(hub: HubServer, store: ModelStore,
+                                                test_models: dict[str, Path]):
+    size = (test_models["tiny-chat"] / IR_BIN).stat().st_size
+    hub.drop_after(IR_BIN, 700_000)
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    ranged = [r for r in hub.requests if r[1].endswith(IR_BIN) and r[2]]
+    assert ranged and ranged[0][2].startswith("bytes=")
+    assert hub.bytes_sent[IR_BIN] < 2 * size  # resumed, not started over
+    assert pull.verify(entry) == []
+
+
+def test_an_interrupted_pull_resumes_on_the_next_pull(hub: HubServer, store: ModelStore,
+                                                      test_models: dict[str, Path]):
+    size = (test_models["tiny-chat"] / IR_BIN).stat().st_size
+    hub.drop_after(IR_BIN, 600_000)  # the connection drops, then the server keeps failing
+
+    def progress(msg: dict) -> None:
+        if msg.get("status") == f"pulling {IR_BIN}" and not hub.request_log[-1].status >= 500:
+            hub.fail(IR_BIN, 503, times=100, method="GET")
+
+    with pytest.raises(StoreError, match="pull again to resume"):
+        pull.pull(store, pull.PullRequest(model="OpenVINO/tiny-chat-ov"), progress)
+    assert store.list() == []
+    hub.clear_faults()
+    hub.reset_counters()
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    ranges = {r[2] for r in hub.requests if r[0] == "GET" and r[1].endswith(IR_BIN)}
+    assert ranges == {"bytes=600000-"}  # the redirect and its target, both resuming
+    assert hub.bytes_sent[IR_BIN] == size - 600_000
+    assert pull.verify(entry) == []
+
+
+def test_a_corrupted_file_is_fetched_again(hub: HubServer, store: ModelStore,
+                                           test_models: dict[str, Path]):
+    size = (test_models["tiny-chat"] / IR_BIN).stat().st_size
+    hub.corrupt(IR_BIN)
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert hub.bytes_sent[IR_BIN] == 2 * size
+    assert pull.verify(entry) == []
+    hub.corrupt(IR_BIN, times=2)
+    with pytest.raises(StoreError, match="failed its checksum twice"):
+        do_pull(store, "OpenVINO/tiny-chat-ov", name="again")
+
+
+def test_concurrent_pulls_share_one_download(hub: HubServer, store: ModelStore,
+                                             test_models: dict[str, Path]):
+    size = (test_models["tiny-chat"] / IR_BIN).stat().st_size
+    hub.throttle(IR_BIN, 2_000_000)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(
+        do_pull(store, "OpenVINO/tiny-chat-ov"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2 and hub.bytes_sent[IR_BIN] == size
+    assert [e.name for e in store.list()] == ["OpenVINO/tiny-chat-ov"]
+
+
+def test_cancel_mid_download_leaves_nothing(hub: HubServer, store: ModelStore):
+    hub.throttle(IR_BIN, 200_000)
+    cancel = threading.Event()
+
+    def progress(msg: dict) -> None:
+        if msg.get("status") == f"pulling {IR_BIN}" and msg.get("completed"):
+            cancel.set()
+
+    with pytest.raises(pull.PullCancelled):
+        pull.pull(store, pull.PullRequest(model="OpenVINO/tiny-chat-ov"), progress, cancel)
+    assert_clean(store)
+
+
+def test_cancel_mid_conversion_kills_the_job(hub: HubServer, store: ModelStore):
+    cancel = threading.Event()
+    jobs: list[int] = []
+
+    def progress(msg: dict) -> None:
+        if msg.get("status", "").startswith("converting"):
+            threading.Timer(1.0, lambda: (jobs.extend(descendants(os.getpid())),
+                                          cancel.set())).start()
+
+    with pytest.raises(pull.PullCancelled):
+        pull.pull(store, pull.PullRequest(model="org/tiny-chat"), progress, cancel)
+    assert_clean(store)
+    assert jobs, "the conversion job was running when the pull was cancelled"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in jobs)
+
+
+def test_gated_repo_needs_a_token(hub: HubServer, store: ModelStore,
+                                  monkeypatch: pytest.MonkeyPatch):
+    with pytest.raises(StoreError, match="gated"):
+        do_pull(store, "org/gated-chat-ov")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    _, entry = do_pull(store, "org/gated-chat-ov")
+    assert any(r.authorization == "Bearer hf_test_token" for r in hub.request_log)
+    assert entry.task == "text-generation"
+
+
+@pytest.mark.parametrize("model,needle", [
+    ("org/missing", "no model 'org/missing'"),
+    ("OpenVINO/tiny-chat-ov@v9", "has no revision 'v9'"),
+    ("not-a-catalog-name", "catalog names:"),
+    ("a/b/c", "not a local folder"),
+])
+def test_clear_errors(hub: HubServer, store: ModelStore, model: str, needle: str):
+    with pytest.raises(StoreError, match=needle):
+        do_pull(store, model)
+
+
+@pytest.mark.parametrize("name", ["../evil", "/etc/x", "a/../../b", "x/y/z"])
+def test_names_cannot_escape_the_store(hub: HubServer, store: ModelStore, name: str):
+    with pytest.raises(StoreError, match="invalid model name"):
+        do_pull(store, "OpenVINO/tiny-chat-ov", name=name)
+    assert not any(store.root.parent.glob("evil*"))
+
+
+def test_memory_check_refuses_clearly(hub: HubServer, store: ModelStore,
+                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OVMS_PLUGIN_MEMORY_BUDGET", "1MB")
+    with pytest.raises(StoreError, match=r"not enough memory to convert .*needs about"):
+        do_pull(store, "org/tiny-chat")
+    assert_clean(store)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs (needs root, as in CI); skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_mid_download(hub: HubServer, small_fs: Path):
+    store = ModelStore(small_fs / "models")
+    filler = small_fs / "filler"
+
+    def progress(msg: dict) -> None:
+        # Once the download has begun, something else takes the remaining space.
+        if msg.get("status") == f"pulling {IR_BIN}" and not filler.exists():
+            free = shutil.disk_usage(small_fs).free
+            filler.write_bytes(b"\0" * (free - 4096))
+
+    with pytest.raises(StoreError, match="disk full while downloading"):
+        pull.pull(store, pull.PullRequest(model="OpenVINO/tiny-chat-ov"), progress)
+    filler.unlink()
+    assert_clean(store)
+    assert not any(p.name.endswith(".part") for p in store.root.rglob("*"))
+
+
+def test_disk_space_is_checked_first(hub: HubServer, small_fs: Path):
+    (small_fs / "filler").write_bytes(b"\0" * (2 * 2**20))
+    store = ModelStore(small_fs / "models")
+    with pytest.raises(StoreError, match="not enough disk space"):
+        do_pull(store, "OpenVINO/tiny-chat-ov")
+
+
+def test_pull_through_the_plugin_then_use_it(hub: HubServer, start_host, tmp_path: Path):
+    """AOG's model API: PullModelStream with progress, ListModels, LoadModel, chat."""
+    import json
+    home = tmp_path / "home"
+    host = start_host(home, HF_ENDPOINT=hub.endpoint)
+    msgs = list(host.call("PullModelStream", _pull_req("PullModelStream", {
+        "model": "org/tiny-chat", "stream": True, "model_type": "chat"})))
+    data = [json.loads(m.data) for m in msgs]
+    assert all(m.code == 0 for m in msgs) and data[-1] == {"status": "success"}
+    assert any(d.get("completed", 0) > 0 and d.get("total") for d in data)
+    names = [m["name"] for m in json.loads(host.call("ListModels").response_json)["models"]]
+    assert names == ["org/tiny-chat"]
+    assert host.json_call("LoadModel", {"model": "org/tiny-chat"}).code == 0
+    r = host.invoke("chat", {"model": "org/tiny-chat", "max_tokens": 8,
+                             "messages": [{"role": "user", "content": "hi"}]})
+    assert r.code == 0, r.message
+    # The unary PullModel of an installed, unchanged model answers at once.
+    r = host.json_call("PullModel", {"model": "org/tiny-chat", "model_type": "chat"})
+    assert r.code == 0 and json.loads(r.response_json) == {"status": "success"}
+    r = host.json_call("PullModel", {"model": "org/tiny-chat", "model_type": "embed"})
+    assert r.code == 3001 and "model_type 'embed'" in r.message
+
+
+def test_a_pull_stream_cancelled_by_aog_leaves_nothing(hub: HubServer, start_host,
+                                                       tmp_path: Path):
+    hub.throttle(IR_BIN, 100_000)
+    home = tmp_path / "home"
+    host = start_host(home, HF_ENDPOINT=hub.endpoint)
+    call = host.call("PullModelStream", _pull_req("PullModelStream", {
+        "model": "OpenVINO/tiny-chat-ov", "stream": True}), timeout=60)
+    for msg in call:
+        if b"pulling openvino_model.bin" in msg.data:
+            break
+    call.cancel()  # AOG's client went away
+    store = ModelStore(home / "models")
+    from conftest import wait_for
+    assert wait_for(lambda: not (store.root / ".downloads").exists()
+                    or not any((store.root / ".downloads").iterdir()), timeout=20)
+    assert_clean(store)
+    assert host.call("HealthCheck").code == 0
+
+
+def _pull_req(method: str, body: dict):
+    import json
+
+    from ovms_plugin.aog.proto import provider_pb2 as pb
+    return getattr(pb, f"{method}Request")(request_json=json.dumps(body).encode())
