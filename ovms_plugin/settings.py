@@ -52,6 +52,9 @@ class ModelSettings:
     properties: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
     max_waiting_requests: int = 64
+    # Engine-kind options from the model's section: embed (pooling, normalize, max_length,
+    # truncate, query_instruction, max_batch_size, max_wait_ms), rerank, image.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def available_memory_bytes() -> int:
@@ -145,5 +148,7 @@ def model_settings(name: str, *, model_bytes: int = 0, data: dict | None = None)
     except (TypeError, ValueError) as e:
         raise SettingsError(f"max_waiting_requests must be an integer, got {waiting!r}") from e
     properties = {**(data.get("properties") or {}), **(per_model.get("properties") or {})}
+    options = {kind: {**(data.get(kind) or {}), **(per_model.get(kind) or {})}
+               for kind in ("embed", "rerank", "image")}
     return ModelSettings(device=device, properties=properties, scheduler=scheduler,
-                         max_waiting_requests=waiting)
+                         max_waiting_requests=waiting, options=options)

@@ -45,6 +45,12 @@ def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
     if kind == "llm":
         from ovms_plugin.engine.llm import LLMEngine
         return LLMEngine(model_dir, config)
+    if kind == "embed":
+        from ovms_plugin.engine.embed import EmbedEngine
+        return EmbedEngine(model_dir, config)
+    if kind == "rerank":
+        from ovms_plugin.engine.embed import RerankEngine
+        return RerankEngine(model_dir, config)
     raise ValueError(f"unknown engine kind {kind!r}")
 
 

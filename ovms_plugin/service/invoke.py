@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ovms_plugin.service import errors, text
+from ovms_plugin.service import embed, errors, text
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 
@@ -46,6 +46,14 @@ async def _text_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[St
         first = False
 
 
+async def _embed_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
+    return await rt.embed(embed.parse_embed(body))
+
+
+async def _rerank_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
+    return await rt.rerank(embed.parse_rerank(body))
+
+
 @dataclass
 class Service:
     unary: Callable[[Runtime, str, Any], Awaitable[dict[str, Any]]]
@@ -55,6 +63,8 @@ class Service:
 SERVICES: dict[str, Service] = {
     "chat": Service(_text_unary, _text_stream),
     "generate": Service(_text_unary, _text_stream),
+    "embed": Service(_embed_unary, None),
+    "rerank": Service(_rerank_unary, None),
 }
 
 

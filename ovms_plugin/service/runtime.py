@@ -13,7 +13,7 @@ from typing import Any
 
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.client import EngineClient, EngineError
-from ovms_plugin.service import errors
+from ovms_plugin.service import embed, errors
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
 from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, StoreError
@@ -21,7 +21,8 @@ from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, Store
 log = logging.getLogger(__name__)
 
 # Which engine kind serves a task.
-TASK_ENGINES = {"text-generation": "llm"}
+TASK_ENGINES = {"text-generation": "llm", "feature-extraction": "embed",
+                "text-classification": "rerank"}
 
 
 @dataclass
@@ -76,13 +77,20 @@ class Runtime:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
             config = {"device": ms.device, "properties": ms.properties,
                       "scheduler": ms.scheduler}
-            max_in_flight = int(ms.scheduler.get("max_num_seqs", 64)) + ms.max_waiting_requests
+            if kind == "embed":
+                config["embed"] = {**embed.sentence_transformers_config(entry.path),
+                                   **ms.options["embed"]}
+            elif kind == "rerank":
+                config["rerank"] = ms.options["rerank"]
+            running = int(ms.scheduler.get("max_num_seqs", 64)) if kind == "llm" else 0
+            max_in_flight = running + ms.max_waiting_requests
             client = EngineClient(name, kind, entry.path, config, max_in_flight)
             lm = LoadedModel(entry, client, ms, context=entry.context_length())
+            if kind == "embed":
+                lm.context = config["embed"].get("max_length") or lm.context
             started = time.monotonic()
             try:
-                if kind == "llm":
-                    lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
+                lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
                 await client.start()
             except EngineError as e:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
@@ -194,6 +202,53 @@ class Runtime:
                         yield TextDelta(text, None, n_prompt, n_out)
         except EngineError as e:
             raise ServiceError(str(e), e.code) from None
+
+
+    # --- embeddings and rerank -----------------------------------------------------------
+
+    async def _served(self, model: str, service: str) -> LoadedModel:
+        lm = await self.load(model)
+        if service not in lm.entry.services:
+            raise invalid(f"model {model!r} serves {list(lm.entry.services)}, not "
+                          f"{service!r}; pick a {service} model", "model")
+        return lm
+
+    async def _run_once(self, lm: LoadedModel, payload: dict[str, Any]) -> Any:
+        try:
+            async with aclosing(lm.client.submit(payload)) as outputs:
+                async for out in outputs:
+                    lm.last_used = time.monotonic()
+                    return out.result
+        except EngineError as e:
+            raise ServiceError(str(e), e.code) from None
+        raise ServiceError("the engine returned no result", errors.INTERNAL)
+
+    async def embed(self, req: embed.EmbedRequest) -> dict[str, Any]:
+        lm = await self._served(req.model, "embed")
+        opts = lm.settings.options["embed"]
+        prefix = opts.get(f"{req.input_type}_instruction") or ""
+        texts = [prefix + t for t in req.texts] if prefix else req.texts
+        counts = _token_counts(lm.tokenizer, texts)
+        truncate = opts.get("truncate", False) if req.truncate is None else req.truncate
+        embed.check_lengths(counts, lm.context, truncate, "input")
+        vectors = await self._run_once(lm, {"texts": texts})
+        return embed.embedding_response(req, vectors, sum(counts))
+
+    async def rerank(self, req: embed.RerankRequest) -> dict[str, Any]:
+        lm = await self._served(req.model, "rerank")
+        counts = _token_counts(lm.tokenizer, [req.query, *req.documents])
+        truncate = lm.settings.options["rerank"].get("truncate", True) \
+            if req.truncate is None else req.truncate
+        pair_counts = [counts[0] + n for n in counts[1:]]
+        embed.check_lengths(pair_counts, lm.context, truncate, "query plus document")
+        scores = await self._run_once(lm, {"query": req.query, "documents": req.documents})
+        return embed.rerank_response(req, scores, sum(pair_counts))
+
+
+def _token_counts(tok: Any, texts: list[str]) -> list[int]:
+    """Tokens per text, from the model's own tokenizer (one batched call)."""
+    enc = tok.encode(texts)
+    return [int(n) for n in enc.attention_mask.data.sum(axis=1)]
 
 
 def _load_tokenizer(entry: ModelEntry) -> Any:

@@ -213,17 +213,18 @@ def _pull_local(store: ModelStore, src: Path, name: str, req: PullRequest,
     try:
         if is_openvino(files):
             hashes = _copy_tree(src, staged, sorted(files), progress, cancel)
-            weight_format = None
+            weight_format, conversion = None, None
         else:
             n_params = ir.parameter_count_from_config(config) or \
                 _weights_bytes({f: (src / f).stat().st_size for f in files}) // 2
             weight_format = req.weight_format or default_weight_format(task, n_params)
             weights = _weights_bytes({f: (src / f).stat().st_size for f in files})
             _check_resources(name, weights * 2, store.root, _convert_memory(n_params, weights))
-            _convert(src, staged, task, weight_format, req, progress, cancel)
+            conversion = _convert(src, staged, task, weight_format, req, progress, cancel)
             hashes = {}
         return _finish(store, staged, name, task, req, progress, cancel, hashes,
-                       source=str(src), revision=None, weight_format=weight_format)
+                       source=str(src), revision=None, weight_format=weight_format,
+                       conversion=conversion)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -310,16 +311,19 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, name: str, req: Pu
         if cancel.is_set():
             raise PullCancelled("the pull was cancelled")
         _remove_locks(downloads)
+        conversion = None
         if openvino:
             staged = store.staging_dir()
             os.rename(downloads, staged)  # onto the empty staging folder: no copy
             hashes = {f.path: f.sha256 for f in wanted if f.sha256}
         else:
             staged = store.staging_dir()
-            _convert(downloads, staged, task, weight_format, req, progress, cancel)
+            conversion = _convert(downloads, staged, task, weight_format, req, progress,
+                                  cancel)
             hashes = {}
         entry = _finish(store, staged, name, task, req, progress, cancel, hashes,
-                        source=source, revision=repo.sha, weight_format=weight_format)
+                        source=source, revision=repo.sha, weight_format=weight_format,
+                        conversion=conversion)
         shutil.rmtree(downloads, ignore_errors=True)
         return entry
     except hub.TransferInterrupted:
@@ -343,9 +347,12 @@ def _remove_locks(folder: Path) -> None:
 # --- conversion, validation, install ---------------------------------------------------
 
 def _convert(src: Path, dst: Path, task: str, weight_format: str | None, req: PullRequest,
-             progress: Progress, cancel: threading.Event) -> None:
-    library = "sentence_transformers" if task == "feature-extraction" and \
-        (src / "modules.json").is_file() else None
+             progress: Progress, cancel: threading.Event) -> dict[str, Any]:
+    """Exports `src` to IR in `dst` in a child process; returns its time and memory peak."""
+    # Embeddings are exported without optimum's sentence-transformers library: that adds a
+    # second output (sentence_embedding), and TextEmbeddingPipeline takes exactly one. The
+    # pooling and normalisation it would bake in come from the copied modules.json instead.
+    library = None
     progress({"status": f"converting to OpenVINO IR ({task}, {weight_format or 'default'})"})
     result = run_job({"convert": {"src": str(src), "dst": str(dst), "task": task,
                                   "weight_format": weight_format, "library": library,
@@ -360,6 +367,8 @@ def _convert(src: Path, dst: Path, task: str, weight_format: str | None, req: Pu
     for sub in src.glob("*_Pooling"):
         if sub.is_dir() and not (dst / sub.name).exists():
             shutil.copytree(sub, dst / sub.name)
+    return {"seconds": result.get("convert_seconds"),
+            "peak_rss_bytes": result.get("peak_rss_bytes")}
 
 
 def _finish(store: ModelStore, staged: Path, name: str, task: str, req: PullRequest,
