@@ -50,7 +50,7 @@ class EmbedEngine:
         self.pipe = ov_genai.TextEmbeddingPipeline(str(model_dir), self.device, cfg,
                                                    **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
-        self.max_batch = int(opts.get("max_batch_size", 32))
+        self.max_batch = int(opts.get("max_batch_size", 16))
         self.max_wait = float(opts.get("max_wait_ms", 2)) / 1000
         self.queue: deque[tuple[int, int, str]] = deque()  # (req_id, index, text)
         self.pending: dict[int, _Pending] = {}

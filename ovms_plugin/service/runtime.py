@@ -31,6 +31,7 @@ class LoadedModel:
     client: EngineClient
     settings: settings_mod.ModelSettings
     tokenizer: Any = None
+    counter: TokenCounter | None = None
     context: int | None = None
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
@@ -91,6 +92,7 @@ class Runtime:
             started = time.monotonic()
             try:
                 lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
+                lm.counter = TokenCounter(lm.tokenizer)
                 await client.start()
             except EngineError as e:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
@@ -149,6 +151,8 @@ class Runtime:
                             "engine": lm.client.kind, "alive": lm.client.alive,
                             "kv_cache_gb": lm.settings.scheduler.get("cache_size"),
                             "in_flight": lm.client.in_flight})
+            if lm.counter is not None and lm.counter.calls:
+                details["tokenizer_batching"] = round(lm.counter.requests / lm.counter.calls, 2)
             if lm.client.alive:
                 with suppress(EngineError, TimeoutError):
                     details["metrics"] = await lm.client.metrics(timeout=2.0)
@@ -228,7 +232,7 @@ class Runtime:
         opts = lm.settings.options["embed"]
         prefix = opts.get(f"{req.input_type}_instruction") or ""
         texts = [prefix + t for t in req.texts] if prefix else req.texts
-        counts = _token_counts(lm.tokenizer, texts)
+        counts = await lm.counter.count(texts)
         truncate = opts.get("truncate", False) if req.truncate is None else req.truncate
         embed.check_lengths(counts, lm.context, truncate, "input")
         vectors = await self._run_once(lm, {"texts": texts})
@@ -236,7 +240,7 @@ class Runtime:
 
     async def rerank(self, req: embed.RerankRequest) -> dict[str, Any]:
         lm = await self._served(req.model, "rerank")
-        counts = _token_counts(lm.tokenizer, [req.query, *req.documents])
+        counts = await lm.counter.count([req.query, *req.documents])
         truncate = lm.settings.options["rerank"].get("truncate", True) \
             if req.truncate is None else req.truncate
         pair_counts = [counts[0] + n for n in counts[1:]]
@@ -251,9 +255,51 @@ def _token_counts(tok: Any, texts: list[str]) -> list[int]:
     return [int(n) for n in enc.attention_mask.data.sum(axis=1)]
 
 
+class TokenCounter:
+    """Counts tokens for many concurrent requests with one tokenizer call: requests that
+    arrive within a millisecond are encoded together. One batched encode costs
+    about a tenth of the CPU of encoding the same texts one call each, and on a small
+    machine the front end's CPU is taken from the engine."""
+
+    WAIT = 0.001  # seconds; the batcher behind it waits for company anyway
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.pending: list[tuple[list[str], asyncio.Future]] = []
+        self.calls = self.requests = 0  # how well requests are merged
+
+    async def count(self, texts: list[str]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:
+            # gRPC hands us one request per event-loop turn: wait a moment for the others.
+            loop.call_later(self.WAIT, self._flush)
+        self.pending.append((texts, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.calls += 1
+        self.requests += len(batch)
+        try:
+            counts = _token_counts(self.tok, [t for texts, _ in batch for t in texts])
+        except Exception as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        start = 0
+        for texts, fut in batch:
+            if not fut.done():
+                fut.set_result(counts[start:start + len(texts)])
+            start += len(texts)
+
+
 def _load_tokenizer(entry: ModelEntry) -> Any:
     import openvino_genai as ov_genai
-    return ov_genai.Tokenizer(str(entry.path))
+    # One thread: the front end calls it from its event loop, and OpenVINO's thread pool
+    # doubles the CPU a small encode costs (measured 0.59 vs 0.29 ms for one sentence).
+    return ov_genai.Tokenizer(str(entry.path), INFERENCE_NUM_THREADS=1)
 
 
 def _encode(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
