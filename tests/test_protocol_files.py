@@ -56,3 +56,7 @@ def test_plugin_yaml_is_what_aog_accepts():
         assert s["protocol"] == "HTTP" and s["expose_protocol"] == "HTTP"
         if s["service_name"] in ("chat", "generate"):
             assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True
+        if s["service_name"] == "text-to-image":
+            assert s["timeout"] == -1
+    assert {s["service_name"] for s in m["services"]} == {
+        "chat", "generate", "embed", "rerank", "text-to-image"}

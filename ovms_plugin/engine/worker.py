@@ -51,27 +51,49 @@ def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
     if kind == "rerank":
         from ovms_plugin.engine.embed import RerankEngine
         return RerankEngine(model_dir, config)
+    if kind == "image":
+        from ovms_plugin.engine.image import ImageEngine
+        return ImageEngine(model_dir, config)
     raise ValueError(f"unknown engine kind {kind!r}")
 
 
-def _reader(sock: socket.socket, inbox: queue.SimpleQueue) -> None:
-    """Receives front-end messages into the inbox; EOF means the front end is gone."""
+class _Sender:
+    """Messages to the front end, from the loop, the reader and progress callbacks."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def __call__(self, msg: Any) -> None:
+        with self.lock:
+            ipc.send(self.sock, msg)
+
+
+def _reader(sock: socket.socket, inbox: queue.SimpleQueue, engine_ref: list,
+            send: _Sender) -> None:
+    """Receives front-end messages into the inbox; EOF means the front end is gone. Engines
+    with long steps (an image's denoising loop) hear of aborts at once, through
+    `interrupt`, and have their metrics answered from here rather than after the step."""
     try:
         while True:
-            inbox.put(ipc.recv(sock))
+            msg = ipc.recv(sock)
+            engine = engine_ref[0] if engine_ref else None
+            if msg[0] == "abort" and hasattr(engine, "interrupt"):
+                engine.interrupt(msg[1])
+            if msg[0] == "metrics" and getattr(engine, "long_steps", False):
+                send(("metrics", msg[1], engine.metrics()))
+                continue
+            inbox.put(msg)
     except (EOFError, OSError):
         pass
     # No one is left to serve: leave now, even if the engine is mid-step.
     os._exit(0)
 
 
-def serve(engine: Engine, sock: socket.socket, inbox: queue.SimpleQueue) -> None:
+def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue) -> None:
     """The loop: take new messages (blocking only when idle), step, send what came out."""
-    send_lock = threading.Lock()
-
-    def send(msg: Any) -> None:
-        with send_lock:
-            ipc.send(sock, msg)
+    if hasattr(engine, "emit"):  # engines that report progress in the middle of a step
+        engine.emit = lambda outs: send(("out", outs))
 
     while True:
         msgs = []
@@ -118,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(prefix=f"worker[{args.name or args.model_dir.name}] ")
     sock = socket.socket(fileno=args.fd)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_reader, args=(sock, inbox), daemon=True).start()
+    engine_ref: list = []
+    send = _Sender(sock)
+    threading.Thread(target=_reader, args=(sock, inbox, engine_ref, send), daemon=True).start()
     try:
         engine = make_engine(args.kind, args.model_dir, json.loads(args.config))
     except Exception as e:
         log.error("loading %s failed:\n%s", args.model_dir, traceback.format_exc())
-        ipc.send(sock, ("fatal", f"{type(e).__name__}: {e}"))
+        send(("fatal", f"{type(e).__name__}: {e}"))
         return 1
-    ipc.send(sock, ("ready", engine.info()))
-    serve(engine, sock, inbox)
+    send(("ready", engine.info()))
+    engine_ref.append(engine)
+    serve(engine, send, inbox)
     return 0
 
 

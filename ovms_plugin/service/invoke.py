@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ovms_plugin.service import embed, errors, text
+from ovms_plugin.service import embed, errors, image, text
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 
@@ -54,6 +54,21 @@ async def _rerank_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
     return await rt.rerank(embed.parse_rerank(body))
 
 
+async def _image_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
+    async for kind, data in rt.image(image.parse(body)):
+        if kind == "images":
+            return image.response(data)
+    raise ServiceError("the image engine returned no image", errors.INTERNAL)
+
+
+async def _image_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
+    async for kind, data in rt.image(image.parse(body)):
+        if kind == "progress":
+            yield StreamChunk(image.progress_event(data["step"], data["steps"]))
+        else:
+            yield StreamChunk(image.response(data), final=True)
+
+
 @dataclass
 class Service:
     unary: Callable[[Runtime, str, Any], Awaitable[dict[str, Any]]]
@@ -65,6 +80,7 @@ SERVICES: dict[str, Service] = {
     "generate": Service(_text_unary, _text_stream),
     "embed": Service(_embed_unary, None),
     "rerank": Service(_rerank_unary, None),
+    "text-to-image": Service(_image_unary, _image_stream),
 }
 
 

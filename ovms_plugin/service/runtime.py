@@ -14,6 +14,7 @@ from typing import Any
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.client import EngineClient, EngineError
 from ovms_plugin.service import embed, errors
+from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
 from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, StoreError
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Which engine kind serves a task.
 TASK_ENGINES = {"text-generation": "llm", "feature-extraction": "embed",
-                "text-classification": "rerank"}
+                "text-classification": "rerank", "text-to-image": "image"}
 
 
 @dataclass
@@ -83,16 +84,17 @@ class Runtime:
                                    **ms.options["embed"]}
             elif kind == "rerank":
                 config["rerank"] = ms.options["rerank"]
-            running = int(ms.scheduler.get("max_num_seqs", 64)) if kind == "llm" else 0
-            max_in_flight = running + ms.max_waiting_requests
+            _check_memory(name, entry)
+            max_in_flight = _running_capacity(kind, ms) + ms.max_waiting_requests
             client = EngineClient(name, kind, entry.path, config, max_in_flight)
             lm = LoadedModel(entry, client, ms, context=entry.context_length())
             if kind == "embed":
                 lm.context = config["embed"].get("max_length") or lm.context
             started = time.monotonic()
             try:
-                lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
-                lm.counter = TokenCounter(lm.tokenizer)
+                if kind != "image":
+                    lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
+                    lm.counter = TokenCounter(lm.tokenizer)
                 await client.start()
             except EngineError as e:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
@@ -247,6 +249,53 @@ class Runtime:
         embed.check_lengths(pair_counts, lm.context, truncate, "query plus document")
         scores = await self._run_once(lm, {"query": req.query, "documents": req.documents})
         return embed.rerank_response(req, scores, sum(pair_counts))
+
+
+    # --- images ---------------------------------------------------------------------------
+
+    async def image(self, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
+        """Yields ("progress", {"step", "steps"}) per denoising step, then ("images", [png])."""
+        lm = await self._served(req.model, "text-to-image")
+        limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
+        payload = image_mod.resolve(req, limits, lm.client.info.get("defaults", {}))
+        try:
+            async with aclosing(lm.client.submit(payload)) as outputs:
+                async for out in outputs:
+                    lm.last_used = time.monotonic()
+                    if out.finish is None:
+                        yield "progress", out.result
+                    else:
+                        yield "images", out.result["images"]
+                        return
+        except EngineError as e:
+            raise ServiceError(str(e), e.code) from None
+
+
+def _running_capacity(kind: str, ms: settings_mod.ModelSettings) -> int:
+    """How many requests an engine works on at once; beyond it and max_waiting_requests,
+    requests are refused as busy."""
+    if kind == "llm":
+        return int(ms.scheduler.get("max_num_seqs", 64))
+    if kind == "embed":  # a few batches' worth are in the batcher at once
+        return 4 * int(ms.options["embed"].get("max_batch_size", 16))
+    return 1  # rerank and image: one request at a time
+
+
+def _check_memory(name: str, entry: ModelEntry) -> None:
+    """Refuses a load that cannot fit, rather than letting the OS kill the worker: the
+    weights plus a third for compiled kernels and activations, against free memory
+    within the plugin's budget."""
+    needed = int(entry.size * 1.33)
+    try:
+        available = min(settings_mod.available_memory_bytes(),
+                        settings_mod.memory_budget_bytes())
+    except settings_mod.SettingsError as e:
+        raise ServiceError(str(e), errors.LOAD_FAILED) from None
+    if needed > available:
+        raise ServiceError(
+            f"not enough memory to load model {name!r}: needs about {needed / 2**30:.2f} GB, "
+            f"{available / 2**30:.2f} GB available (free memory within the plugin's memory "
+            "budget); unload other models or raise memory_budget", errors.RESOURCE_EXHAUSTED)
 
 
 def _token_counts(tok: Any, texts: list[str]) -> list[int]:

@@ -1,0 +1,106 @@
+"""Text-to-image engine (runs inside a worker process): openvino_genai's
+Text2ImagePipeline, one image request at a time, the rest waiting in order.
+
+payload: {"prompt", "width", "height", "steps", "n", "seed", "guidance_scale"?,
+          "negative_prompt"?}
+outputs: {"step": k, "steps": n} after each denoising step (finish None), then
+         {"images": [png bytes, ...]} with finish "stop".
+A request aborted while it runs stops at the next denoising step (the pipeline's callback
+asks the reader thread's interrupt flags).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ov_genai
+
+from ovms_plugin.engine.png import encode_rgb
+
+log = logging.getLogger(__name__)
+
+
+class ImageEngine:
+    long_steps = True  # one step is a whole image: metrics are answered from the reader
+
+    def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
+        self.device = config.get("device", "CPU")
+        started = time.monotonic()
+        self.pipe = ov_genai.Text2ImagePipeline(str(model_dir), self.device,
+                                                **config.get("properties", {}))
+        self.load_seconds = time.monotonic() - started
+        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.interrupted: set[int] = set()
+        self.lock = threading.Lock()
+        self.emit: Callable[[list[tuple]], None] = lambda outs: None
+        self.images_total = 0
+        self.steps_total = 0
+        log.info("loaded %s on %s in %.2fs", model_dir, self.device, self.load_seconds)
+
+    def info(self) -> dict[str, Any]:
+        gc = self.pipe.get_generation_config()
+        return {"device": self.device, "load_seconds": round(self.load_seconds, 3),
+                "openvino": ov.get_version(),
+                "defaults": {"width": gc.width, "height": gc.height,
+                             "steps": gc.num_inference_steps,
+                             "guidance_scale": gc.guidance_scale}}
+
+    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+        self.queue.append((req_id, payload))
+
+    def interrupt(self, req_id: int) -> None:
+        """Called from the reader thread the moment an abort arrives."""
+        with self.lock:
+            self.interrupted.add(req_id)
+
+    def abort(self, req_id: int) -> None:
+        self.queue = deque(item for item in self.queue if item[0] != req_id)
+        with self.lock:
+            self.interrupted.discard(req_id)
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def step(self) -> list[tuple]:
+        req_id, p = self.queue.popleft()
+        with self.lock:
+            if req_id in self.interrupted:
+                self.interrupted.discard(req_id)
+                return []
+        steps = int(p["steps"])
+
+        def on_step(step: int, num_steps: int, latent: Any) -> bool:
+            self.steps_total += 1
+            self.emit([(req_id, {"step": step + 1, "steps": num_steps}, None, None)])
+            with self.lock:
+                return req_id in self.interrupted  # True stops the denoising loop
+
+        kwargs: dict[str, Any] = {
+            "width": int(p["width"]), "height": int(p["height"]), "num_inference_steps": steps,
+            "num_images_per_prompt": int(p.get("n", 1)),
+            "generator": ov_genai.TorchGenerator(int(p["seed"])), "callback": on_step}
+        if p.get("guidance_scale") is not None:
+            kwargs["guidance_scale"] = float(p["guidance_scale"])
+        if p.get("negative_prompt"):
+            kwargs["negative_prompt"] = p["negative_prompt"]
+        tensor = self.pipe.generate(p["prompt"], **kwargs)
+        with self.lock:
+            if req_id in self.interrupted:
+                self.interrupted.discard(req_id)
+                return []  # the caller is gone; the engine is free for the next one
+        images = np.asarray(tensor.data)
+        pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
+        self.images_total += len(pngs)
+        return [(req_id, {"images": pngs}, "stop", None)]
+
+    def metrics(self) -> dict[str, Any]:
+        return {"queued_requests": len(self.queue), "images_total": self.images_total,
+                "steps_total": self.steps_total}
