@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
+
+from ovms_plugin.engine.stats import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ class _Running:
     handle: Any
     max_new_tokens: int
     generated: int = 0
+    added: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
 
 
 # Fields of the model's own generation_config.json that a request starts from.
@@ -66,6 +70,11 @@ class LLMEngine:
         # stopped again by OpenVINO, and dropping it mid-step is not needed.
         self._stopped: list[Any] = []
         self.requests_total = 0
+        self.tokens_in_total = 0
+        self.tokens_out_total = 0
+        self.finished: dict[str, int] = {"stop": 0, "length": 0, "aborted": 0, "error": 0}
+        self.ttft = Histogram()
+        self.tpot = Histogram()
         log.info("loaded %s on %s in %.2fs (scheduler %s)", model_dir, self.device,
                  self.load_seconds, self.scheduler)
 
@@ -100,12 +109,14 @@ class LLMEngine:
         handle = self.pipe.add_request(req_id, ids, self._config(payload))
         self.running[req_id] = _Running(handle, int(payload["max_new_tokens"]))
         self.requests_total += 1
+        self.tokens_in_total += len(payload["ids"])
 
     def abort(self, req_id: int) -> None:
         run = self.running.pop(req_id, None)
         if run is not None:
             run.handle.stop()
             self._stopped.append(run.handle)
+            self.finished["aborted"] += 1
 
     def has_work(self) -> bool:
         return bool(self.running)
@@ -122,7 +133,11 @@ class LLMEngine:
             if handle.can_read():
                 out = next(iter(handle.read().values()))
                 new = list(out.generated_ids)
+                if new and run.first_token is None:
+                    run.first_token = time.monotonic()
+                    self.ttft.observe(run.first_token - run.added)
                 run.generated += len(new)
+                self.tokens_out_total += len(new)
                 finish = _FINISH.get(out.finish_reason)
             status = handle.get_status()
             if finish is None and status != ov_genai.GenerationStatus.RUNNING:
@@ -133,16 +148,26 @@ class LLMEngine:
                                  "the request did not fit in the engine's KV cache; retry, "
                                  "or raise the model's scheduler cache_size"))
                     del self.running[req_id]
+                    self.finished["error"] += 1
                     continue
             if new or finish:
                 outs.append((req_id, new, finish, None))
             if finish:
                 del self.running[req_id]
+                self.finished[finish] += 1
+                if run.first_token is not None and run.generated > 1:
+                    self.tpot.observe((time.monotonic() - run.first_token) / (run.generated - 1))
         return outs
 
     def metrics(self) -> dict[str, Any]:
+        """Engine metrics. Preemptions are not exposed by openvino-genai 2026.4."""
         m = self.pipe.get_metrics()
-        return {"running": len(self.running), "requests_total": self.requests_total,
-                "scheduled_requests": getattr(m, "scheduled_requests", None),
-                "cache_usage": getattr(m, "cache_usage", None),
-                "max_cache_usage": getattr(m, "max_cache_usage", None)}
+        scheduled = int(m.scheduled_requests)
+        return {"running": len(self.running), "scheduled_requests": scheduled,
+                "waiting": max(0, len(self.running) - scheduled),
+                "requests_total": self.requests_total, "finished": dict(self.finished),
+                "tokens_in_total": self.tokens_in_total,
+                "tokens_out_total": self.tokens_out_total,
+                "cache_usage": m.cache_usage, "max_cache_usage": m.max_cache_usage,
+                "kv_cache_bytes": int(m.kv_cache_size_in_bytes),
+                "ttft_seconds": self.ttft.snapshot(), "tpot_seconds": self.tpot.snapshot()}

@@ -114,6 +114,16 @@ class Runtime:
         log.info("model %s unloaded", name)
         return True
 
+    async def unload_idle(self, max_idle: float) -> list[str]:
+        """Unloads models with no request in flight and none for `max_idle` seconds."""
+        now = time.monotonic()
+        idle = [n for n, lm in self.models.items()
+                if not lm.client.in_flight and now - lm.last_used >= max_idle]
+        for name in idle:
+            log.info("unloading %s: idle for %.0f s", name, now - self.models[name].last_used)
+            await self.unload(name)
+        return idle
+
     async def unload_all(self) -> None:
         await asyncio.gather(*(self.unload(n) for n in list(self.models)))
 
