@@ -168,8 +168,11 @@ def _train_tokenizer(model_max_length: int) -> Any:
 # --- recipes ----------------------------------------------------------------------------------
 
 
-def _make_chat_hf(out: Path, config_args: dict[str, Any]) -> None:
-    """Random-weight Qwen2 causal LM with the stdlib-trained ChatML tokenizer."""
+def _make_chat_hf(out: Path, config_args: dict[str, Any], vocab_size: int | None = None) -> None:
+    """Random-weight Qwen2 causal LM with the stdlib-trained ChatML tokenizer. A
+    `vocab_size` above the tokenizer's keeps a real model's shape (its embedding and head
+    matrices cost real compute); the rows past the tokenizer are zero, so their logits are
+    0 and generation stays within tokens the tokenizer can decode."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -177,13 +180,16 @@ def _make_chat_hf(out: Path, config_args: dict[str, Any]) -> None:
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         **config_args,
     )
     torch.manual_seed(_SEED)  # same weights on every build
     model = Qwen2ForCausalLM(config).eval()
+    if config.vocab_size > len(tokenizer):
+        with torch.no_grad():  # tied head: zero rows give logits of exactly 0
+            model.get_input_embeddings().weight[len(tokenizer):] = 0
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -210,6 +216,44 @@ def make_tiny_chat_ir(out: Path) -> None:
         for name in ("config.json", "generation_config.json"):
             if not (out / name).exists():
                 shutil.copy2(src / name, out / name)
+
+
+# The shape of Qwen2.5-0.5B-Instruct (random weights): a fair throughput workload.
+QWEN05B_SHAPE = "qwen2.5-0.5b-shape"
+QWEN05B_CONFIG: dict[str, Any] = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+    "initializer_range": 0.02,
+}
+QWEN05B_VOCAB = 151936
+
+
+def _make_qwen05b_ir(out: Path, weight_format: str) -> None:
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="qwen05b-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        _make_chat_hf(src, QWEN05B_CONFIG, vocab_size=QWEN05B_VOCAB)
+        export_to_ir(src, out, task="text-generation-with-past", weight_format=weight_format)
+        for name in ("config.json", "generation_config.json"):
+            if not (out / name).exists():
+                shutil.copy2(src / name, out / name)
+
+
+def make_qwen05b_int8(out: Path) -> None:
+    """Qwen2.5-0.5B-shaped random model, int8 weights (benchmarks only: about 30 s, 2.5 GB)."""
+    _make_qwen05b_ir(out, "int8")
+
+
+def make_qwen05b_int4(out: Path) -> None:
+    """Qwen2.5-0.5B-shaped random model, int4 weights (benchmarks only)."""
+    _make_qwen05b_ir(out, "int4")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -498,6 +542,8 @@ RECIPES: dict[str, Recipe] = {
     TINY_RERANK_HF: Recipe(make_tiny_rerank_hf, 1),
     TINY_SD: Recipe(make_tiny_sd_ir, 1),
     TINY_SD_HF: Recipe(make_tiny_sd_hf, 1),
+    f"{QWEN05B_SHAPE}-int8": Recipe(make_qwen05b_int8, 1),
+    f"{QWEN05B_SHAPE}-int4": Recipe(make_qwen05b_int4, 1),
 }
 
 
