@@ -20,10 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("install-aog", help="lay out the AOG plugin folder")
     s.add_argument("--plugins-dir", type=Path, default=None,
                    help="AOG's plugins dir (default: <AOG data dir>/plugins)")
-    s = sub.add_parser("demo", help="make the built-in default model, launch the plugin as "
-                                    "AOG does and stream a chat answer")
+    s = sub.add_parser("demo", help="make the built-in default model, serve it over HTTP and "
+                                    "show how to call it (--aog: launch the plugin as AOG "
+                                    "does and stream one chat answer instead)")
     s.add_argument("prompt", nargs="?", default="Write a haiku about local inference.")
     s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--aog", action="store_true", help="drive the plugin as AOG does, then exit")
+    s.add_argument("--port", type=int, default=8000)
     sub.add_parser("list", help="list installed models")
     s = sub.add_parser("pull", help="install a model: a Hugging Face repo id "
                                     "(org/name[@revision]), a catalog name or a local folder")
@@ -36,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow the repo's own Python code to run during conversion")
     sub.add_parser("catalog", help="list the curated models that can be pulled by short name")
+    sub.add_parser("serve", add_help=False,
+                   help="standalone OpenAI- and AOG-compatible HTTP server (serve --help)")
+    s = sub.add_parser("bench", help="benchmark the plugin (or a running server) with the "
+                                     "serving metrics vLLM reports")
+    from ovms_plugin.bench.args import add_arguments
+    add_arguments(s)
     s = sub.add_parser("rm", help="delete an installed model")
     s.add_argument("model")
     s = sub.add_parser("show", help="show an installed model's manifest")
@@ -45,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the server parses its own flags
+        from ovms_plugin.http.server import main as serve_main
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:  # how AOG runs us; without AOG's cookie this explains itself
         args.command = "plugin"

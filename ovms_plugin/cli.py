@@ -114,11 +114,74 @@ def ensure_default_model(store: ModelStore) -> None:
                                       model_type="chat"), lambda msg: None)
 
 
+HOW_TO_CALL = """
+The server is up: {url}  (Ctrl-C stops it)
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d \\
+    '{{"model": "{model}", "stream": true,
+      "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python - <<'PY'
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="none")
+  reply = client.chat.completions.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hello"}}])
+  print(reply.choices[0].message.content)
+  PY
+
+  curl {url}/aog/v0.2/services/chat -d \\
+    '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  curl {url}/v1/models ; curl {url}/metrics
+"""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ovms_plugin.aog.host import AogHost, SseReader
-    from ovms_plugin.aog.install import install
     store = _store(args)
     ensure_default_model(store)
+    if args.aog:
+        return _demo_aog(args, store)
+    import threading
+
+    from ovms_plugin.http.server import main as serve_main
+    url = f"http://127.0.0.1:{args.port}"
+    threading.Thread(target=_demo_first_answer, args=(url, args), daemon=True).start()
+    return serve_main(["--port", str(args.port), "--model", DEFAULT_MODEL,
+                       "--models-dir", str(store.root)])
+
+
+def _demo_first_answer(url: str, args: argparse.Namespace) -> None:
+    """Once the server is ready, streams one chat answer through it, then says how to call
+    it."""
+    import time
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2):
+                break
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    body = json.dumps({"model": DEFAULT_MODEL, "stream": True, "max_tokens": args.max_tokens,
+                       "messages": [{"role": "user", "content": args.prompt}]}).encode()
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    print(f"\n> {args.prompt}", file=sys.stderr)
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"]
+                if choice:
+                    print(choice[0]["delta"].get("content") or "", end="", flush=True)
+    print("\n[the built-in model has random weights, so its words are random too]",
+          file=sys.stderr)
+    print(HOW_TO_CALL.format(url=url, model=DEFAULT_MODEL), file=sys.stderr)
+
+
+def _demo_aog(args: argparse.Namespace, store: ModelStore) -> int:
+    from ovms_plugin.aog.host import AogHost, SseReader
+    from ovms_plugin.aog.install import install
     with tempfile.TemporaryDirectory(prefix="ovms-plugin-demo-") as tmp:
         root = install(Path(tmp) / "plugins", store.root)
         host = AogHost(root).start()
@@ -152,8 +215,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pull": cmd_pull, "catalog": cmd_catalog, "list": cmd_list, "show": cmd_show,
-            "rm": cmd_rm, "install-aog": cmd_install_aog, "demo": cmd_demo}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ovms_plugin.bench.run import run
+    return run(args)
+
+
+COMMANDS = {"bench": cmd_bench, "pull": cmd_pull, "catalog": cmd_catalog, "list": cmd_list,
+            "show": cmd_show, "rm": cmd_rm, "install-aog": cmd_install_aog, "demo": cmd_demo}
 
 
 def run(args: argparse.Namespace) -> int:

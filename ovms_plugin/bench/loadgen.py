@@ -1,9 +1,9 @@
 """The load generator, run in its own process so that its CPU does not stall the server's
-event loop: `python -m ovms_plugin.bench.loadgen < spec.json > result.json`.
+event loop: `python -m ovms_plugin.bench.loadgen < spec.json` (writes spec["out"]).
 
 spec: {"target": "grpc" | "http", "address": "127.0.0.1:PORT" | "http://host:port",
        "service": "chat" | "generate" | "embed" | "text-to-image", "bodies": [{...}],
-       "concurrency": N, "api_key"?: str, "probe": bool}
+       "concurrency": N, "api_key"?: str, "probe": bool, "out": "result.json"}
 Streams are timed per event; with "probe", HealthCheck and ListModels (gRPC) or /health
 and /v1/models (HTTP) are timed every 50 ms while the load runs.
 """
@@ -187,7 +187,11 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     spec = json.load(sys.stdin)
-    json.dump(asyncio.run(run(spec)), sys.stdout)
+    result = asyncio.run(run(spec))
+    # To a file, not stdout: the parent reads our stderr (progress) until we exit, and a
+    # large result would fill the stdout pipe and block us both.
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
     return 0
 
 

@@ -21,21 +21,22 @@ class Record:
     output_tokens: int = 0
 
 
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
 def _percentiles(values: list[float], name: str) -> dict[str, float]:
     if not values:
         return {f"mean_{name}_ms": 0.0, f"median_{name}_ms": 0.0, f"p90_{name}_ms": 0.0,
                 f"p99_{name}_ms": 0.0}
-    xs = sorted(values)
-
-    def pct(p: float) -> float:
-        k = (len(xs) - 1) * p
-        lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-    return {f"mean_{name}_ms": round(statistics.mean(xs) * 1000, 2),
-            f"median_{name}_ms": round(pct(0.5) * 1000, 2),
-            f"p90_{name}_ms": round(pct(0.9) * 1000, 2),
-            f"p99_{name}_ms": round(pct(0.99) * 1000, 2)}
+    return {f"mean_{name}_ms": round(statistics.mean(values) * 1000, 2),
+            f"median_{name}_ms": round(percentile(values, 0.5) * 1000, 2),
+            f"p90_{name}_ms": round(percentile(values, 0.9) * 1000, 2),
+            f"p99_{name}_ms": round(percentile(values, 0.99) * 1000, 2)}
 
 
 def summarize(records: list[Record], duration: float) -> dict[str, Any]:

@@ -160,6 +160,12 @@ class EngineClient:
             self._send(("add", req_id, payload))
             while True:
                 result, finish, error = await q.get()
+                # Steps that piled up while the consumer was busy go out as one output
+                # (token lists are joined): fewer, larger messages when the front end lags.
+                while isinstance(result, list) and finish is None and not q.empty():
+                    more, finish, error = q.get_nowait()
+                    if more is not None:
+                        result = result + more
                 if error is not None:
                     finished = True
                     raise EngineError(error) if self.alive else EngineDied(error)

@@ -4,6 +4,7 @@ configuration, token counting, and the OpenAI / Cohere-style response shapes."""
 from __future__ import annotations
 
 import base64
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,5 +181,5 @@ def rerank_response(req: RerankRequest, scores: list[tuple[int, float]], tokens:
         if req.return_documents:
             item["document"] = {"text": req.documents[index]}
         results.append(item)
-    return {"results": results, "model": req.model,
+    return {"id": "rerank-" + uuid.uuid4().hex[:24], "results": results, "model": req.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -25,10 +25,14 @@ _HTTP = {INVALID_ARGUMENT: 400, INVALID_REQUEST: 400, NOT_FOUND: 404, MODEL_NOT_
 class ServiceError(Exception):
     """A request could not be served; the message says what was wrong and what is right."""
 
-    def __init__(self, message: str, code: int = INVALID_REQUEST, param: str | None = None):
+    def __init__(self, message: str, code: int = INVALID_REQUEST, param: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.code = code
         self.param = param
+        # Seconds after which the same request may well succeed: set when a model is busy
+        # (its running and waiting requests are at the limit), not when it cannot fit.
+        self.retry_after = retry_after
 
     @property
     def message(self) -> str:
@@ -36,6 +40,8 @@ class ServiceError(Exception):
 
     @property
     def http_status(self) -> int:
+        if self.code == RESOURCE_EXHAUSTED and self.retry_after is not None:
+            return 429  # busy: retry shortly (a model that cannot fit stays 503)
         return _HTTP.get(self.code, 500)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,16 +35,21 @@ async def _text_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[St
     req = text.parse(service, body)
     rid, created = text.new_id(service), int(time.time())
     first = True
-    async for d in rt.text(req):
-        if d.finish_reason is None:
-            yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
-        else:
-            if first or d.text:
+    async with aclosing(rt.text(req)) as deltas:
+        async for d in deltas:
+            if d.finish_reason is None:
                 yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
-            usage = text.usage(d.prompt_tokens, d.completion_tokens)
-            yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason,
-                                         usage_=usage), final=True)
-        first = False
+            else:
+                if first or d.text:
+                    yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
+                usage = text.usage(d.prompt_tokens, d.completion_tokens)
+                if req.include_usage:  # OpenAI: usage in a chunk of its own, after the finish
+                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason))
+                    yield StreamChunk(text.usage_chunk(req, rid, created, usage), final=True)
+                else:
+                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason,
+                                                 usage_=usage), final=True)
+            first = False
 
 
 async def _embed_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
@@ -55,18 +61,20 @@ async def _rerank_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
 
 
 async def _image_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
-    async for kind, data in rt.image(image.parse(body)):
-        if kind == "images":
-            return image.response(data)
+    async with aclosing(rt.image(image.parse(body))) as events:
+        async for kind, data in events:
+            if kind == "images":
+                return image.response(data)
     raise ServiceError("the image engine returned no image", errors.INTERNAL)
 
 
 async def _image_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
-    async for kind, data in rt.image(image.parse(body)):
-        if kind == "progress":
-            yield StreamChunk(image.progress_event(data["step"], data["steps"]))
-        else:
-            yield StreamChunk(image.response(data), final=True)
+    async with aclosing(rt.image(image.parse(body))) as events:
+        async for kind, data in events:
+            if kind == "progress":
+                yield StreamChunk(image.progress_event(data["step"], data["steps"]))
+            else:
+                yield StreamChunk(image.response(data), final=True)
 
 
 @dataclass

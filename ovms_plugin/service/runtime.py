@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from ovms_plugin import settings as settings_mod
-from ovms_plugin.engine.client import EngineClient, EngineError
+from ovms_plugin.engine.client import EngineBusy, EngineClient, EngineError
 from ovms_plugin.service import embed, errors
 from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
@@ -114,11 +114,13 @@ class Runtime:
         log.info("model %s unloaded", name)
         return True
 
-    async def unload_idle(self, max_idle: float) -> list[str]:
-        """Unloads models with no request in flight and none for `max_idle` seconds."""
+    async def unload_idle(self, max_idle: float, keep: Iterable[str] = ()) -> list[str]:
+        """Unloads models with no request in flight and none for `max_idle` seconds, except
+        those in `keep`."""
         now = time.monotonic()
-        idle = [n for n, lm in self.models.items()
-                if not lm.client.in_flight and now - lm.last_used >= max_idle]
+        keep = set(keep)
+        idle = [n for n, lm in self.models.items() if n not in keep
+                and not lm.client.in_flight and now - lm.last_used >= max_idle]
         for name in idle:
             log.info("unloading %s: idle for %.0f s", name, now - self.models[name].last_used)
             await self.unload(name)
@@ -217,7 +219,7 @@ class Runtime:
                     if text:
                         yield TextDelta(text, None, n_prompt, n_out)
         except EngineError as e:
-            raise ServiceError(str(e), e.code) from None
+            raise _engine_failure(e) from None
 
 
     # --- embeddings and rerank -----------------------------------------------------------
@@ -236,7 +238,7 @@ class Runtime:
                     lm.last_used = time.monotonic()
                     return out.result
         except EngineError as e:
-            raise ServiceError(str(e), e.code) from None
+            raise _engine_failure(e) from None
         raise ServiceError("the engine returned no result", errors.INTERNAL)
 
     async def embed(self, req: embed.EmbedRequest) -> dict[str, Any]:
@@ -278,7 +280,12 @@ class Runtime:
                         yield "images", out.result["images"]
                         return
         except EngineError as e:
-            raise ServiceError(str(e), e.code) from None
+            raise _engine_failure(e) from None
+
+
+def _engine_failure(e: EngineError) -> ServiceError:
+    """An engine's refusal or failure as a service error; a busy engine says when to retry."""
+    return ServiceError(str(e), e.code, retry_after=1.0 if isinstance(e, EngineBusy) else None)
 
 
 def _running_capacity(kind: str, ms: settings_mod.ModelSettings) -> int:

@@ -31,6 +31,7 @@ class TextRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    include_usage: bool = False  # OpenAI stream_options: usage in a last chunk of its own
 
 
 @dataclass
@@ -123,6 +124,19 @@ def parse(service: str, body: Any) -> TextRequest:
             raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
         req.seed = seed
     req.ignore_eos = bool(body.get("ignore_eos", False))
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise invalid(f"'n' must be 1 (one choice per request), got {n!r}; send several "
+                      "requests for several answers", "n")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid("'stream_options' must be an object like {\"include_usage\": true}",
+                          "stream_options")
+        if not req.stream:
+            raise invalid("'stream_options' is only allowed with \"stream\": true",
+                          "stream_options")
+        req.include_usage = bool(options.get("include_usage", False))
     return req
 
 
@@ -230,6 +244,15 @@ def chunk(req: TextRequest, rid: str, created: int, text: str | None, finish: st
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+def usage_chunk(req: TextRequest, rid: str, created: int, usage_: dict[str, int]
+                ) -> dict[str, Any]:
+    """The extra last chunk of a stream with stream_options.include_usage: no choices, only
+    the usage of the whole request (as OpenAI sends it)."""
+    obj = "chat.completion.chunk" if req.service == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [],
+            "usage": usage_}
 
 
 async def collect(deltas: AsyncIterator[TextDelta]) -> TextDelta:

@@ -1,0 +1,276 @@
+"""Orchestrates a benchmark run: the model and prompts, the server (the plugin launched as
+AOG launches it, or a running HTTP server), one load-generator process per concurrency
+level, the in-process baselines, and the report (table, JSON, plot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ovms_plugin import paths, settings
+from ovms_plugin.bench.stats import Record, percentile, summarize
+from ovms_plugin.store.store import ModelEntry, ModelStore
+from ovms_plugin.sysinfo import machine_description
+
+log = logging.getLogger(__name__)
+WORDS = ("the local model answers questions about laptops graphics memory tokens cache "
+         "batching engines drivers kernels images vectors search documents stories").split()
+SERVICE_OF_TASK = {"text-generation": "chat", "feature-extraction": "embed",
+                   "text-to-image": "text-to-image"}
+
+
+def _prompts(tok: Any, n: int, tokens: int) -> list[str]:
+    """n distinct prompts of about `tokens` tokens each (distinct from their first
+    words, so prefix caching cannot share them)."""
+    out = []
+    for i in range(n):
+        words = [f"Request {i}:"] + [WORDS[(i * 7 + j * 5) % len(WORDS)] for j in range(tokens)]
+        text = " ".join(words)
+        ids = tok.encode(text, add_special_tokens=False).input_ids.data[0].tolist()[:tokens]
+        out.append(tok.decode(ids))
+    return out
+
+
+def _body(service: str, model: str, prompt: str, args: argparse.Namespace) -> dict[str, Any]:
+    if service == "chat":
+        return {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": args.ignore_eos}
+    if service == "generate":
+        return {"model": model, "prompt": prompt, "max_tokens": args.max_tokens,
+                "temperature": 0, "ignore_eos": args.ignore_eos}
+    if service == "embed":
+        return {"model": model, "input": prompt}
+    return {"model": model, "prompt": prompt[:200], "size": "64x64", "num_inference_steps": 4}
+
+
+def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs one load-generator process; shows its progress on one redrawn line."""
+    with tempfile.TemporaryDirectory(prefix="ovms-loadgen-") as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.Popen([sys.executable, "-m", "ovms_plugin.bench.loadgen"],
+                                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdin and proc.stderr
+        proc.stdin.write(json.dumps({**spec, "out": str(out)}))
+        proc.stdin.close()
+        total = len(spec["bodies"])
+        for line in proc.stderr:
+            if line.startswith("progress "):
+                done = int(line.split()[1].split("/")[0])
+                bar = "#" * (30 * done // total) + "." * (30 - 30 * done // total)
+                print(f"\r  concurrency {spec['concurrency']:>3} [{bar}] {done}/{total}",
+                      end="", file=sys.stderr, flush=True)
+            else:
+                sys.stderr.write(line)
+        print(file=sys.stderr)
+        if proc.wait() != 0:
+            raise SystemExit(f"the load generator failed (exit {proc.returncode})")
+        return json.loads(out.read_text())
+
+
+def _p99_ms(values: list[float]) -> float | None:
+    return round(percentile(values, 0.99) * 1000, 2) if values else None
+
+
+def _run_levels(address: str, target: str, service: str, bodies_for: Any,
+                levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for c in levels:
+        n = args.requests or max(8, 4 * c)
+        bodies = bodies_for(n)
+        spec = {"target": target, "address": address, "service": service,
+                "bodies": bodies, "concurrency": c, "api_key": args.api_key, "probe": True}
+        _loadgen({**spec, "bodies": bodies[:1], "concurrency": 1, "probe": False})  # warm
+        raw = _loadgen(spec)
+        records = [Record(**r) for r in raw["records"]]
+        summary = {"concurrency": c, "requests": n, **summarize(records, raw["duration"])}
+        summary["p99_health_check_ms"] = _p99_ms(raw["probe"]["health"])
+        summary["p99_list_models_ms"] = _p99_ms(raw["probe"]["list_models"])
+        results.append(summary)
+    return results
+
+
+def _baselines(entry: ModelEntry, prompts: list[str], args: argparse.Namespace
+               ) -> dict[str, Any]:
+    """In this process, with the server stopped: the engine's offline throughput over all
+    prompts at once (the ceiling), and one LLMPipeline serving them one after another."""
+    import openvino_genai as ov_genai
+    ms = settings.model_settings(entry.name, model_bytes=entry.size)
+    tok = ov_genai.Tokenizer(str(entry.path))
+    rendered = [tok.apply_chat_template([{"role": "user", "content": p}],
+                                        add_generation_prompt=True) for p in prompts] \
+        if args.service_resolved == "chat" else prompts
+
+    def config() -> Any:
+        gc = ov_genai.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False,
+                                       ignore_eos=args.ignore_eos)
+        gc.apply_chat_template = False  # rendered already, exactly as the plugin renders
+        return gc
+
+    sc = ov_genai.SchedulerConfig()
+    for key, value in ms.scheduler.items():
+        setattr(sc, key, value)
+    cb = ov_genai.ContinuousBatchingPipeline(str(entry.path), sc, ms.device, ms.properties)
+    cb.generate(rendered[:1], [config()])
+    started = time.perf_counter()
+    results = cb.generate(rendered, [config()] * len(rendered))
+    seconds = time.perf_counter() - started
+    tokens = sum(int(r.perf_metrics.get_num_generated_tokens()) for r in results)
+    ceiling = {"requests": len(rendered), "seconds": round(seconds, 3),
+               "output_throughput": round(tokens / seconds, 2)}
+    del cb
+
+    llm = ov_genai.LLMPipeline(str(entry.path), ms.device, **ms.properties)
+    llm.generate(rendered[0], config())
+    ttfts, tpots, total_tokens = [], [], 0
+    started = time.perf_counter()
+    for prompt in rendered:
+        res = llm.generate([prompt], config())
+        pm = res.perf_metrics
+        ttfts.append(pm.get_ttft().mean / 1000)
+        tpots.append(pm.get_tpot().mean / 1000)
+        total_tokens += int(pm.get_num_generated_tokens())
+    seconds = time.perf_counter() - started
+    naive = {"requests": len(rendered), "seconds": round(seconds, 3),
+             "output_throughput": round(total_tokens / seconds, 2),
+             "mean_ttft_ms": round(sum(ttfts) / len(ttfts) * 1000, 2),
+             "mean_tpot_ms": round(sum(tpots) / len(tpots) * 1000, 2)}
+    return {"ceiling_cb_generate": ceiling, "naive_llmpipeline": naive}
+
+
+def _table(levels: list[dict[str, Any]]) -> str:
+    cols = [("concurrency", "conc"), ("completed", "ok"), ("failed", "err"),
+            ("request_throughput", "req/s"), ("output_throughput", "out tok/s"),
+            ("mean_ttft_ms", "TTFT ms"), ("p99_ttft_ms", "p99 TTFT"),
+            ("mean_tpot_ms", "TPOT ms"), ("mean_itl_ms", "ITL ms"),
+            ("mean_e2el_ms", "E2E ms"), ("p99_e2el_ms", "p99 E2E"),
+            ("p99_health_check_ms", "p99 health"), ("p99_list_models_ms", "p99 list")]
+    lines = ["  ".join(f"{title:>10}" for _, title in cols)]
+    for row in levels:
+        lines.append("  ".join(f"{row.get(key) if row.get(key) is not None else '-':>10}"
+                               for key, _ in cols))
+    return "\n".join(lines)
+
+
+def _plot(levels: list[dict[str, Any]], out: Path, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'ovms-plugin[bench]'") from None
+    xs = [r["concurrency"] for r in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(xs, [r["output_throughput"] or r["request_throughput"] for r in levels], "o-")
+    a.set_xlabel("concurrency")
+    a.set_ylabel("output tokens/s (requests/s for non-LLM)")
+    a.set_xscale("log", base=2)
+    b.plot(xs, [r["mean_ttft_ms"] for r in levels], "o-", label="mean")
+    b.plot(xs, [r["p99_ttft_ms"] for r in levels], "s--", label="p99")
+    b.set_xlabel("concurrency")
+    b.set_ylabel("TTFT (ms)")
+    b.set_xscale("log", base=2)
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    import openvino_genai as ov_genai
+
+    from ovms_plugin.cli import DEFAULT_MODEL, ensure_default_model
+    store = ModelStore(args.models_dir or paths.models_dir())
+    model = args.model or DEFAULT_MODEL
+    if args.model is None:
+        ensure_default_model(store)
+    entry = store.get(model)
+    service = args.service or SERVICE_OF_TASK.get(entry.task, "chat")
+    args.service_resolved = service
+    if service not in entry.services:
+        raise SystemExit(f"model {model!r} serves {list(entry.services)}, not {service!r}")
+    levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    tok = ov_genai.Tokenizer(str(entry.path)) if service != "text-to-image" else None
+    max_n = max(args.requests or max(8, 4 * c) for c in levels)
+    prompts = _prompts(tok, max_n, args.prompt_tokens) if tok else \
+        [f"a picture number {i} of a red cat" for i in range(max_n)]
+
+    def bodies_for(n: int) -> list[dict[str, Any]]:
+        return [_body(service, model, p, args) for p in prompts[:n]]
+
+    result: dict[str, Any] = {
+        "machine": machine_description(), "model": model, "service": service,
+        "quantization": entry.manifest.get("quantization_level"),
+        "command": "python -m ovms_plugin bench " + " ".join(sys.argv[2:]),
+        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+        "ignore_eos": args.ignore_eos, "target": args.target}
+    print(f"benchmarking {model} ({service}) on {args.target}", file=sys.stderr)
+    if args.target == "plugin":
+        result["levels"] = _with_plugin(store, model, lambda address: _run_levels(
+            address, "grpc", service, bodies_for, levels, args))
+    else:
+        result["levels"] = _run_levels(args.target, "http", service, bodies_for, levels, args)
+    if args.baselines and service in ("chat", "generate"):
+        print("baselines: offline ContinuousBatchingPipeline.generate and one-at-a-time "
+              "LLMPipeline", file=sys.stderr)
+        n = args.requests or max(8, 4 * max(levels))
+        result["baselines"] = _baselines(entry, prompts[:n], args)
+        top = result["levels"][-1]
+        one = next((r for r in result["levels"] if r["concurrency"] == 1), None)
+        base = result["baselines"]
+        ratios = {
+            f"throughput_c{top['concurrency']}_vs_ceiling": round(
+                top["output_throughput"] / base["ceiling_cb_generate"]["output_throughput"], 3),
+            f"throughput_c{top['concurrency']}_vs_naive": round(
+                top["output_throughput"] / base["naive_llmpipeline"]["output_throughput"], 3)}
+        if one:
+            ratios["ttft_c1_vs_llmpipeline"] = round(
+                one["mean_ttft_ms"] / base["naive_llmpipeline"]["mean_ttft_ms"], 3)
+            ratios["tpot_c1_vs_llmpipeline"] = round(
+                one["mean_tpot_ms"] / base["naive_llmpipeline"]["mean_tpot_ms"], 3)
+        result["ratios"] = ratios
+    print(_table(result["levels"]))
+    if "ratios" in result:
+        print(json.dumps(result["baselines"]))
+        for key, value in result["ratios"].items():
+            print(f"{key}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        _plot(result["levels"], args.plot, f"{model} ({service}), {machine_description()}")
+    return 0
+
+
+def _with_plugin(store: ModelStore, model: str, body: Any,
+                 settings_override: dict[str, Any] | None = None) -> Any:
+    """Runs `body(address)` against the plugin, launched from a temporary install exactly
+    as AOG launches it, on this store."""
+    from ovms_plugin.aog.host import AogHost
+    from ovms_plugin.aog.install import install
+    with tempfile.TemporaryDirectory(prefix="ovms-bench-") as tmp:
+        env = {"OVMS_PLUGIN_MODELS": str(store.root)}
+        if settings_override:
+            data = settings.load_file()
+            for name, extra in settings_override.items():
+                section = data.setdefault("models", {}).setdefault(name, {})
+                for key, value in extra.items():
+                    section[key] = {**(section.get(key) or {}), **value}
+            path = Path(tmp) / "settings.yaml"
+            path.write_text(yaml.safe_dump(data))
+            env["OVMS_PLUGIN_SETTINGS"] = str(path)
+        host = AogHost(install(Path(tmp) / "plugins"), env=env).start()
+        try:
+            r = host.json_call("LoadModel", {"model": model})
+            if r.code:
+                raise SystemExit(f"LoadModel failed: {r.message}")
+            return body(host.address)
+        finally:
+            host.kill()

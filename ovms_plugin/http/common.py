@@ -1,0 +1,171 @@
+"""What every route shares: the app's keys and state, JSON bodies in, JSON and server-sent
+events out, and errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ovms_plugin.http.metrics import HttpMetrics
+from ovms_plugin.service import errors
+from ovms_plugin.service.errors import ServiceError, invalid
+from ovms_plugin.service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    api_key: str | None
+    max_body_bytes: int
+    images_dir: Path
+    metrics: HttpMetrics = field(default_factory=HttpMetrics)
+    pinned: tuple[str, ...] = ()  # preloaded models: never unloaded for being idle
+    loading: list[str] = field(default_factory=list)  # preloads not finished yet
+    preload_error: str | None = None
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+STATE = web.AppKey("state", ServerState)
+
+# Request keys (request[...]) read by the access log.
+MODEL = "ovms.model"
+REQUEST_ID = "ovms.request_id"
+CLIENT_GONE = "ovms.client_gone"
+
+# OpenAI's error types: 4xx are invalid_request_error (401 too, as OpenAI sends it).
+_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error",
+          504: "timeout_error"}
+_CODES = {errors.INVALID_ARGUMENT: "invalid_request", errors.INVALID_REQUEST: "invalid_request",
+          errors.NOT_FOUND: "not_found", errors.MODEL_NOT_FOUND: "model_not_found",
+          errors.SERVICE_NOT_FOUND: "not_found", errors.FAILED_PRECONDITION: "failed_precondition",
+          errors.TIMEOUT: "timeout", errors.UNAVAILABLE: "engine_unavailable",
+          errors.LOAD_FAILED: "model_load_failed", errors.PULL_FAILED: "pull_failed",
+          errors.INTERNAL: "internal_error"}
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    etype = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None
+                   ) -> web.Response:
+    return web.json_response(error_body(status, message, param, code), status=status,
+                             headers=headers, dumps=_dumps)
+
+
+def service_error_parts(e: ServiceError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """HTTP status, body and headers for a service error."""
+    status = e.http_status
+    if e.code == errors.RESOURCE_EXHAUSTED:
+        code = "model_busy" if e.retry_after is not None else "insufficient_resources"
+    else:
+        code = _CODES.get(e.code, "internal_error")
+    headers = {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(e.retry_after)))
+    return status, error_body(status, e.message, e.param, code), headers
+
+
+def service_error_response(e: ServiceError) -> web.Response:
+    status, body, headers = service_error_parts(e)
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object. Too large a body is refused (413) before it is read when
+    its length is declared, and while reading when it is not."""
+    limit = request.app[STATE].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = await request.read()
+    if not raw.strip():
+        raise invalid("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise invalid(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    if isinstance(body.get("model"), str):
+        request[MODEL] = body["model"]
+    return body
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event: a single `data:` line, then a blank line."""
+    text = data if isinstance(data, str) else _dumps(data)
+    return f"data: {text}\n\n".encode()
+
+
+async def sse_response(request: web.Request, events: AsyncIterator[dict[str, Any]],
+                       done: bool) -> web.StreamResponse:
+    """Streams `events` as server-sent events, then `data: [DONE]` when `done` (OpenAI's
+    end marker; AOG's streams have none).
+
+    Nothing is sent until the first event: a request refused before it produces anything
+    (bad input, unknown model, busy) still gets its HTTP status. After that, an error is
+    sent as one `{"error": {...}}` event. The events are closed on every way out, so a
+    client that goes away (the handler is cancelled, or a write fails) aborts the request
+    in the engine."""
+    async with aclosing(events) as it:
+        try:
+            first = await anext(it)
+        except StopAsyncIteration:
+            first = None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        try:
+            await resp.prepare(request)
+            if first is not None:
+                await resp.write(sse(first))
+                async for event in it:
+                    await resp.write(sse(event))
+        except ConnectionError:  # the client went away while we wrote
+            request[CLIENT_GONE] = True
+            return resp
+        except ServiceError as e:
+            status, body, _ = service_error_parts(e)
+            log.info("stream ended with an error (HTTP %d): %s", status, e.message)
+            await _write_quietly(request, resp, sse(body))
+        except Exception as e:
+            log.exception("stream failed")
+            await _write_quietly(request, resp, sse(error_body(
+                500, f"internal error: {type(e).__name__}: {e}", code="internal_error")))
+    if done:
+        await _write_quietly(request, resp, sse("[DONE]"))
+    if not request.get(CLIENT_GONE):
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            request[CLIENT_GONE] = True
+    return resp
+
+
+async def _write_quietly(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
+    if request.get(CLIENT_GONE):
+        return
+    try:
+        await resp.write(data)
+    except ConnectionError:
+        request[CLIENT_GONE] = True

@@ -1,0 +1,162 @@
+"""Operations: the request log and metrics, the API key, errors as HTTP responses, and the
+/health, /ready and /metrics routes.
+
+Middlewares, outermost first: `access` (request id, one log line per request, the server's
+metrics), `auth` (Bearer API key on every route but /health), `errors` (service errors,
+aiohttp's own 404/405/413 and anything unexpected, as OpenAI-shaped error bodies)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ovms_plugin import engine_check
+from ovms_plugin.http.common import (
+    CLIENT_GONE,
+    MODEL,
+    REQUEST_ID,
+    RUNTIME,
+    STATE,
+    error_response,
+    json_response,
+    service_error_response,
+)
+from ovms_plugin.http.metrics import Exposition, export_models
+from ovms_plugin.service.errors import ServiceError
+
+log = logging.getLogger("ovms_plugin.http.access")
+errlog = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = {"/health"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+CLIENT_CLOSED = 499  # nginx's "client closed request", for the log and metrics only
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-ID", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = rid
+    metrics = request.app[STATE].metrics
+    metrics.in_flight += 1
+    started = time.monotonic()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = CLIENT_CLOSED if request.get(CLIENT_GONE) else resp.status
+        return resp
+    except (asyncio.CancelledError, ConnectionError):  # the client went away
+        status = CLIENT_CLOSED
+        raise
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    finally:
+        seconds = time.monotonic() - started
+        metrics.in_flight -= 1
+        metrics.observe(_route(request), request.method, status, seconds)
+        log.info("request id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f", rid,
+                 request.method, request.path, request.get(MODEL) or "-", status,
+                 seconds * 1000)
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response names its request id."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[STATE].api_key
+    if key and request.path not in OPEN_PATHS:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            message = ("missing API key: send 'Authorization: Bearer <key>'"
+                       if not token else "incorrect API key")
+            return error_response(401, message, code="invalid_api_key",
+                                  headers={"WWW-Authenticate": 'Bearer realm="ovms-plugin"'})
+    return await handler(request)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServiceError as e:
+        return service_error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].max_body_bytes
+        return error_response(413, f"the request body is larger than this server accepts "
+                                   f"({limit} bytes; see --max-body-mb)",
+                              code="request_too_large")
+    except web.HTTPNotFound:
+        return error_response(404, f"no route {request.method} {request.path}; see /v1/models, "
+                                   "/v1/chat/completions, /aog/v0.2/services/<service>",
+                              code="not_found")
+    except web.HTTPMethodNotAllowed as e:
+        return error_response(405, f"{request.method} is not allowed on {request.path}; "
+                                   f"use {', '.join(sorted(e.allowed_methods))}",
+                              code="method_not_allowed",
+                              headers={"Allow": ",".join(sorted(e.allowed_methods))})
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, e.reason, code=None)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as e:
+        errlog.exception("internal error serving %s %s", request.method, request.path)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}",
+                              code="internal_error")
+
+
+# --- routes ------------------------------------------------------------------------------
+
+async def health(request: web.Request) -> web.Response:
+    """Live: the process answers."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready: preloading is done, OpenVINO imports, and every loaded model's engine runs."""
+    state, rt = request.app[STATE], request.app[RUNTIME]
+    if state.preload_error:
+        return json_response({"status": "unavailable", "reason": state.preload_error}, 503)
+    if state.loading:
+        return json_response({"status": "loading",
+                              "reason": f"loading model(s) {', '.join(state.loading)}"}, 503)
+    ok, why = await engine_check.check()
+    if ok:
+        ok, why = rt.health()
+    body = {"status": "ready" if ok else "unavailable", "reason": why,
+            "models": sorted(rt.models)}
+    return json_response(body, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    out = Exposition()
+    request.app[STATE].metrics.export(out)
+    export_models(out, await request.app[RUNTIME].running())
+    return web.Response(body=out.render().encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
