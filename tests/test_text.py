@@ -83,3 +83,35 @@ def test_parse_accepts_openai_fields():
     assert req.stream and req.max_tokens == 5 and req.stop == ["x"] and req.seed == 3
     assert req.messages[1] == {"role": "user", "content": "hi"}
     assert text.parse("generate", {"model": "m", "prompt": ["one"]}).prompt == "one"
+
+
+def test_fast_detokenizer_matches_openvino(tokenizer, test_models: dict[str, Path]):
+    from ovms_plugin.service.detok import FastDetokenizer, load_checked
+    table = load_checked(test_models["tiny-chat"], tokenizer)
+    assert table is not None  # byte-level BPE, checked against the OpenVINO detokenizer
+    sample = "héllo 世界 🙂 naïve — ok"
+    ids = tokenizer.encode(sample, add_special_tokens=False).input_ids.data[0].tolist()
+    detok = FastDetokenizer(table)
+    pieces = [detok.push([i]) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == sample and not any("\ufffd" in p for p in pieces)
+    # Random ids (invalid UTF-8 among them), fed in uneven groups, end as the OpenVINO
+    # detokenizer decodes them at once.
+    import random
+    rng = random.Random(1)
+    for _ in range(50):
+        seq = [rng.randrange(len(table.table)) for _ in range(rng.randint(1, 30))]
+        detok = FastDetokenizer(table)
+        out, i = "", 0
+        while i < len(seq):
+            k = rng.randint(1, 4)
+            out += detok.push(seq[i:i + k])
+            i += k
+        assert out + detok.flush() == tokenizer.decode(seq)
+
+
+def test_fast_detokenizer_refuses_other_tokenizers(tmp_path: Path, tokenizer):
+    from ovms_plugin.service.detok import load_checked
+    (tmp_path / "tokenizer.json").write_text('{"decoder": {"type": "Metaspace"}, '
+                                             '"model": {"type": "Unigram"}}')
+    assert load_checked(tmp_path, tokenizer) is None
+    assert load_checked(tmp_path / "missing", tokenizer) is None

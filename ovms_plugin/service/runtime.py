@@ -13,7 +13,7 @@ from typing import Any
 
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.client import EngineBusy, EngineClient, EngineError
-from ovms_plugin.service import embed, errors
+from ovms_plugin.service import detok, embed, errors
 from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
@@ -32,6 +32,7 @@ class LoadedModel:
     client: EngineClient
     settings: settings_mod.ModelSettings
     tokenizer: Any = None
+    byte_table: detok.ByteTable | None = None  # fast streaming detokenization, when exact
     counter: TokenCounter | None = None
     context: int | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -95,6 +96,9 @@ class Runtime:
                 if kind != "image":
                     lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
                     lm.counter = TokenCounter(lm.tokenizer)
+                if kind == "llm":
+                    lm.byte_table = await asyncio.to_thread(detok.load_checked, entry.path,
+                                                            lm.tokenizer)
                 await client.start()
             except EngineError as e:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
@@ -198,7 +202,8 @@ class Runtime:
                    "top_p": req.top_p, "presence_penalty": req.presence_penalty,
                    "frequency_penalty": req.frequency_penalty, "seed": req.seed,
                    "ignore_eos": req.ignore_eos}
-        detok = Detokenizer(tok)
+        detokenizer = detok.FastDetokenizer(lm.byte_table) if lm.byte_table else \
+            Detokenizer(tok)
         stops = StopMatcher(req.stop)
         n_out = 0
         try:
@@ -206,9 +211,9 @@ class Runtime:
                 async for out in outputs:
                     lm.last_used = time.monotonic()
                     n_out += len(out.result)
-                    text = detok.push(out.result)
+                    text = detokenizer.push(out.result)
                     if out.finish:
-                        text += detok.flush()
+                        text += detokenizer.flush()
                     text, hit = stops.feed(text)
                     if hit:
                         yield TextDelta(text, "stop", n_prompt, n_out)
