@@ -316,3 +316,30 @@ def _pull_req(method: str, body: dict):
 
     from ovms_plugin.aog.proto import provider_pb2 as pb
     return getattr(pb, f"{method}Request")(request_json=json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("recipe,model_type,task,fmt", [
+    ("tiny-embed-hf", "embed", "feature-extraction", "INT8"),
+    ("tiny-rerank-hf", "rerank", "text-classification", "INT8"),
+    ("tiny-sd-hf", "text-to-image", "text-to-image", "FP16"),
+])
+def test_every_service_converts_by_type(hub: HubServer, store: ModelStore, recipe: str,
+                                        model_type: str, task: str, fmt: str):
+    """Converted with the task of the service, validated by running it once (one embedding,
+    one rerank, one 1-step image), then detected the same way without model_type."""
+    from ovms_plugin import devmodels
+    folder = devmodels.ensure_models(devmodels.default_cache_dir(), [recipe])[recipe]
+    hub.add_repo(f"org/{recipe}", folder)
+    msgs, entry = do_pull(store, f"org/{recipe}", model_type=model_type, name="typed")
+    assert entry.task == task and entry.manifest["quantization_level"] == fmt
+    assert any(m.get("status") == "validating" for m in msgs)
+    assert entry.manifest["conversion"]["peak_rss_bytes"] > 0
+    if task == "feature-extraction":  # pooling travels with the IR
+        assert (entry.path / "modules.json").is_file()
+        assert (entry.path / "1_Pooling" / "config.json").is_file()
+    # A repo of another kind is refused before its weights are downloaded.
+    other = "embed" if model_type == "text-to-image" else "text-to-image"
+    hub.reset_counters()
+    with pytest.raises(StoreError, match=f"model_type '{other}'"):
+        do_pull(store, f"org/{recipe}", model_type=other, name="wrong")
+    assert not any(p.endswith((".safetensors", ".bin")) for p in hub.bytes_sent)
