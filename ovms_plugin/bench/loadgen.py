@@ -3,7 +3,8 @@ event loop: `python -m ovms_plugin.bench.loadgen < spec.json` (writes spec["out"
 
 spec: {"target": "grpc" | "http", "address": "127.0.0.1:PORT" | "http://host:port",
        "service": "chat" | "generate" | "embed" | "text-to-image", "bodies": [{...}],
-       "concurrency": N, "api_key"?: str, "probe": bool, "out": "result.json"}
+       "concurrency": N, "api_key"?: str, "probe": bool, "multi_turn"?: bool,
+       "out": "result.json"}
 Streams are timed per event; with "probe", HealthCheck and ListModels (gRPC) or /health
 and /v1/models (HTTP) are timed every 50 ms while the load runs.
 """
@@ -37,10 +38,11 @@ def _take_event(rec: Record, service: str, started: float, data: bytes) -> None:
         return
     event = json.loads(data)
     now = time.perf_counter() - started
-    if _delta_text(service, event):
+    if text := _delta_text(service, event):
         if rec.ttft is None:
             rec.ttft = now
         rec.chunk_times.append(now)
+        rec.text += text
     if usage := event.get("usage"):
         rec.prompt_tokens = usage.get("prompt_tokens", 0)
         rec.output_tokens = usage.get("completion_tokens", 0)
@@ -143,6 +145,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         HttpTarget(spec["address"], spec.get("api_key"))
     bodies = list(spec["bodies"])
     records = [Record() for _ in bodies]
+    # Multi-turn: each chat gets a second turn carrying the first turn's answer, so its
+    # prompt starts with everything the engine has just seen (a prefix-cache hit).
+    second = [Record() for _ in bodies] if spec.get("multi_turn") else []
     next_index = 0
     done = 0
     health: list[float] = []
@@ -157,6 +162,13 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             records[i].start = time.perf_counter()
             try:
                 await target.run(spec["service"], bodies[i], records[i])
+                if second and records[i].ok:
+                    follow = {**bodies[i], "messages": [
+                        *bodies[i]["messages"],
+                        {"role": "assistant", "content": records[i].text},
+                        {"role": "user", "content": "Go on, in more detail."}]}
+                    second[i].start = time.perf_counter()
+                    await target.run(spec["service"], follow, second[i])
             except Exception as e:
                 records[i].error = f"{type(e).__name__}: {e}"
             done += 1
@@ -182,6 +194,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         await probe_task
     await target.close()
     return {"records": [asdict(r) for r in records], "duration": duration,
+            "second_turn": [asdict(r) for r in second],
             "probe": {"health": health, "list_models": listing}}
 
 

@@ -98,6 +98,34 @@ def _run_levels(address: str, target: str, service: str, bodies_for: Any,
     return results
 
 
+def _multi_turn(store: ModelStore, model: str, bodies_for: Any, levels: list[int],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Two-turn chats at the lowest concurrency level, on the plugin as configured (prefix
+    caching on by default) and again with prefix caching off: the second turn's TTFT
+    shows what reusing the first turn's KV cache saves."""
+    c = min(levels)
+    n = args.requests or max(8, 4 * c)
+    out: dict[str, Any] = {"concurrency": c, "requests": n}
+    for label, override in (("prefix_caching_on", {"enable_prefix_caching": True}),
+                            ("prefix_caching_off", {"enable_prefix_caching": False})):
+        def level(address: str) -> dict[str, Any]:
+            spec = {"target": "grpc", "address": address, "service": "chat",
+                    "bodies": bodies_for(n), "concurrency": c, "multi_turn": True}
+            return _loadgen(spec)
+
+        raw = _with_plugin(store, model, level, {model: {"scheduler": override}})
+        first = summarize([Record(**r) for r in raw["records"]], raw["duration"])
+        second = summarize([Record(**r) for r in raw["second_turn"]], raw["duration"])
+        out[label] = {"turn1_mean_ttft_ms": first["mean_ttft_ms"],
+                      "turn2_mean_ttft_ms": second["mean_ttft_ms"],
+                      "turn2_mean_prompt_tokens": round(
+                          second["total_input_tokens"] / max(1, second["completed"]), 1)}
+    on, off = out["prefix_caching_on"], out["prefix_caching_off"]
+    if on["turn2_mean_ttft_ms"]:
+        out["turn2_ttft_gain"] = round(off["turn2_mean_ttft_ms"] / on["turn2_mean_ttft_ms"], 2)
+    return out
+
+
 def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
                args: argparse.Namespace) -> dict[str, Any]:
     """In this process, with the server stopped: the engine's offline throughput over all
@@ -241,7 +269,12 @@ def run(args: argparse.Namespace) -> int:
             ratios["tpot_c1_vs_llmpipeline"] = round(
                 one["mean_tpot_ms"] / base["naive_llmpipeline"]["mean_tpot_ms"], 3)
         result["ratios"] = ratios
+    if args.multi_turn and service == "chat":
+        print("multi-turn: second-turn TTFT with and without prefix caching", file=sys.stderr)
+        result["multi_turn"] = _multi_turn(store, model, bodies_for, levels, args)
     print(_table(result["levels"]))
+    if "multi_turn" in result:
+        print(json.dumps(result["multi_turn"]))
     if "ratios" in result:
         print(json.dumps(result["baselines"]))
         for key, value in result["ratios"].items():

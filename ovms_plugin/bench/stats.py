@@ -19,6 +19,7 @@ class Record:
     e2e: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    text: str = ""  # kept for the second turn of multi-turn runs
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ovms_plugin.service.errors import invalid
+from ovms_plugin.service.errors import invalid, require_model
 from ovms_plugin.store.store import read_json
 
 MAX_INPUTS = 2048
@@ -55,17 +55,8 @@ def _texts(value: Any, what: str, param: str) -> list[str]:
     return value
 
 
-def _model(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required: the name of an installed model", "model")
-    return model
-
-
 def parse_embed(body: Any) -> EmbedRequest:
-    model = _model(body)
+    model = require_model(body)
     req = EmbedRequest(model=model, texts=_texts(body.get("input"), "input", "input"))
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
@@ -87,7 +78,7 @@ def parse_embed(body: Any) -> EmbedRequest:
 
 
 def parse_rerank(body: Any) -> RerankRequest:
-    model = _model(body)
+    model = require_model(body)
     query = body.get("query")
     if not isinstance(query, str) or not query.strip():
         raise invalid("'query' must be a non-empty string", "query")

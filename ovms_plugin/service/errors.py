@@ -47,3 +47,13 @@ class ServiceError(Exception):
 
 def invalid(message: str, param: str | None = None) -> ServiceError:
     return ServiceError(message, INVALID_REQUEST, param)
+
+
+def require_model(body: object) -> str:
+    """The model a request body names; refuses a body that is not an object or names none."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required: the name of an installed model", "model")
+    return model

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ovms_plugin.service.errors import invalid
+from ovms_plugin.service.errors import invalid, require_model
 from ovms_plugin.store.store import read_json
 
 MAX_STEPS = 150
@@ -64,11 +64,7 @@ def _int(body: dict, key: str, lo: int, hi: int) -> int | None:
 
 
 def parse(body: Any) -> ImageRequest:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required: the name of an installed model", "model")
+    model = require_model(body)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise invalid("'prompt' must be a non-empty string describing the image", "prompt")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovms_plugin.service.errors import invalid
+from ovms_plugin.service.errors import invalid, require_model
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -78,11 +78,7 @@ def _content(message: Any, i: int) -> dict[str, str]:
 
 def parse(service: str, body: Any) -> TextRequest:
     """Validates a chat or generate body (OpenAI fields; AOG sends a subset)."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required: the name of an installed model", "model")
+    model = require_model(body)
     req = TextRequest(service=service, model=model, stream=bool(body.get("stream", False)))
     if service == "chat":
         messages = body.get("messages")
