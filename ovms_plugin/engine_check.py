@@ -40,10 +40,16 @@ def versions() -> dict[str, Any]:
         return {"openvino": f"unavailable ({type(e).__name__})"}
 
 
-def default_device() -> str:
-    """The device models run on unless their settings say otherwise."""
-    from ovms_plugin import settings
+def default_device(service: str = "chat") -> str:
+    """The device a model of `service` would run on unless its settings say otherwise:
+    the first of its candidates on this machine."""
+    from ovms_plugin import devices, settings
     try:
-        return settings.model_settings("").device
+        wanted = settings.model_settings("").device
     except settings.SettingsError:
-        return os.environ.get("OVMS_PLUGIN_DEVICE", "CPU")
+        wanted = os.environ.get("OVMS_PLUGIN_DEVICE", "AUTO")
+    try:
+        found = devices.discover()
+    except Exception:  # OpenVINO missing: CheckEngine says so
+        return "CPU"
+    return (devices.candidates(service, found, wanted) or ["CPU"])[0]

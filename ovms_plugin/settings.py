@@ -3,7 +3,7 @@ overrides. Everything that tunes an engine is resolved here, in one place.
 
 Example settings.yaml:
 
-    device: CPU                  # default device for every model
+    device: AUTO                 # default device for every model (AUTO: by service)
     max_waiting_requests: 64     # per model; beyond it requests get a "busy, retry" error
     models:
       tiny-chat:
@@ -48,9 +48,10 @@ class SettingsError(ValueError):
 
 @dataclass
 class ModelSettings:
-    device: str = "CPU"
+    device: str = "AUTO"  # AUTO: the service's device preference (see devices.py)
     properties: dict[str, Any] = field(default_factory=dict)
-    scheduler: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)  # the user's overrides only
+    engine: str = "auto"  # "stateful": LLMPipeline one request at a time (the NPU path)
     max_waiting_requests: int = 64
     # Engine-kind options from the model's section: embed (pooling, normalize, max_length,
     # truncate, query_instruction, max_batch_size, max_wait_ms), rerank, image.
@@ -102,11 +103,15 @@ def memory_budget_bytes(data: dict | None = None) -> int:
     return parse_bytes(value)
 
 
-def default_kv_cache_gb(model_bytes: int) -> int:
+def default_kv_cache_gb(model_bytes: int, budget_left: int | None = None) -> int:
     """A bounded KV cache (SchedulerConfig.cache_size takes whole GB): a quarter of what is
-    free once the weights are in, between 1 and 8 GB. An unbounded dynamic cache grows until
-    the OS kills the process."""
-    free = max(0, available_memory_bytes() - 2 * model_bytes)
+    free (and left in the memory budget, after the other loaded models) once the weights are
+    in, between 1 and 8 GB. An unbounded dynamic cache grows until the OS kills the
+    process."""
+    free = available_memory_bytes()
+    if budget_left is not None:
+        free = min(free, budget_left)
+    free = max(0, free - 2 * model_bytes)
     return int(min(8, max(1, free // 4 // 2**30)))
 
 
@@ -123,24 +128,24 @@ def load_file(path: Path | None = None) -> dict[str, Any]:
     return data
 
 
-def model_settings(name: str, *, model_bytes: int = 0, data: dict | None = None) -> ModelSettings:
+def model_settings(name: str, *, data: dict | None = None) -> ModelSettings:
     """The settings for one model: defaults < file's globals < environment < file's
     per-model section."""
     data = load_file() if data is None else data
     per_model = (data.get("models") or {}).get(name) or {}
     device = str(per_model.get("device") or os.environ.get("OVMS_PLUGIN_DEVICE")
-                 or data.get("device") or "CPU").upper()
-    scheduler = dict(DEVICE_SCHEDULER_DEFAULTS.get(device.split(".")[0],
-                                                   DEVICE_SCHEDULER_DEFAULTS["CPU"]))
-    scheduler["cache_size"] = default_kv_cache_gb(model_bytes)
+                 or data.get("device") or "AUTO").upper()
+    scheduler: dict[str, Any] = {}
     for source in (data.get("scheduler") or {}, per_model.get("scheduler") or {}):
         unknown = set(source) - SCHEDULER_FIELDS
         if unknown:
             raise SettingsError(f"unknown scheduler setting(s) {sorted(unknown)} for model "
                                 f"{name!r}; known: {sorted(SCHEDULER_FIELDS)}")
         scheduler.update(source)
-    if "num_kv_blocks" in scheduler:
-        scheduler.pop("cache_size", None)
+    engine = str(per_model.get("engine") or "auto").lower()
+    if engine not in ("auto", "stateful"):
+        raise SettingsError(f"engine must be 'auto' or 'stateful' for model {name!r}, got "
+                            f"{engine!r}")
     waiting = per_model.get("max_waiting_requests", os.environ.get(
         "OVMS_PLUGIN_MAX_WAITING", data.get("max_waiting_requests", 64)))
     try:
@@ -151,4 +156,17 @@ def model_settings(name: str, *, model_bytes: int = 0, data: dict | None = None)
     options = {kind: {**(data.get(kind) or {}), **(per_model.get(kind) or {})}
                for kind in ("embed", "rerank", "image")}
     return ModelSettings(device=device, properties=properties, scheduler=scheduler,
-                         max_waiting_requests=waiting, options=options)
+                         engine=engine, max_waiting_requests=waiting, options=options)
+
+
+def scheduler_config(device: str, ms: ModelSettings, model_bytes: int,
+                     budget_left: int | None = None) -> dict[str, Any]:
+    """The continuous-batching scheduler for a model on a device: the device's defaults, a
+    KV cache bounded by free memory and the budget left, then the user's overrides."""
+    scheduler = dict(DEVICE_SCHEDULER_DEFAULTS.get(device.split(".")[0],
+                                                   DEVICE_SCHEDULER_DEFAULTS["CPU"]))
+    scheduler["cache_size"] = default_kv_cache_gb(model_bytes, budget_left)
+    scheduler.update(ms.scheduler)
+    if "num_kv_blocks" in ms.scheduler:
+        scheduler.pop("cache_size", None)
+    return scheduler

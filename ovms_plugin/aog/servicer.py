@@ -145,11 +145,12 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
 
     async def GetConfig(self, request, context):
         store = self.rt.store.root
+        device = await asyncio.to_thread(engine_check.default_device)
         config = {"host": "", "origin": "", "scheme": "", "recommend_model": "",
                   "download_url": "", "download_path": str(store),
                   "engine_path": str(paths.plugin_data_dir()),
                   "exec_path": str(paths.PACKAGE_DIR), "exec_file": "python -m ovms_plugin",
-                  "device_type": engine_check.default_device()}
+                  "device_type": device}
         return pb.GetConfigResponse(code=0, message=SUCCESS, config_json=_json(config))
 
     async def CheckEngine(self, request, context):

@@ -131,7 +131,10 @@ def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
     """In this process, with the server stopped: the engine's offline throughput over all
     prompts at once (the ceiling), and one LLMPipeline serving them one after another."""
     import openvino_genai as ov_genai
-    ms = settings.model_settings(entry.name, model_bytes=entry.size)
+
+    from ovms_plugin import devices
+    ms = settings.model_settings(entry.name)
+    device = devices.candidates("chat", devices.discover(), ms.device)[0]
     tok = ov_genai.Tokenizer(str(entry.path))
     rendered = [tok.apply_chat_template([{"role": "user", "content": p}],
                                         add_generation_prompt=True) for p in prompts] \
@@ -144,12 +147,12 @@ def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
         return gc
 
     sc = ov_genai.SchedulerConfig()
-    for key, value in ms.scheduler.items():
+    for key, value in settings.scheduler_config(device, ms, entry.size).items():
         setattr(sc, key, value)
     # All prompts at once, but at most as many in flight as the busiest level had clients,
     # so the ceiling and the plugin work on batches of the same size.
     sc.max_num_seqs = concurrency
-    cb = ov_genai.ContinuousBatchingPipeline(str(entry.path), sc, ms.device, ms.properties)
+    cb = ov_genai.ContinuousBatchingPipeline(str(entry.path), sc, device, ms.properties)
     cb.generate(rendered[:1], [config()])
     started = time.perf_counter()
     results = cb.generate(rendered, [config()] * len(rendered))
@@ -160,7 +163,7 @@ def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
                "seconds": round(seconds, 3), "output_throughput": round(tokens / seconds, 2)}
     del cb
 
-    llm = ov_genai.LLMPipeline(str(entry.path), ms.device, **ms.properties)
+    llm = ov_genai.LLMPipeline(str(entry.path), device, **ms.properties)
     llm.generate(rendered[0], config())
     ttfts, tpots, total_tokens = [], [], 0
     started = time.perf_counter()

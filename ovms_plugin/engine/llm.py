@@ -41,7 +41,7 @@ _DEFAULT_FIELDS = ("eos_token_id", "stop_token_ids", "do_sample", "temperature",
                    "top_k", "min_p", "repetition_penalty")
 
 
-def _default_kwargs(config: Any) -> dict[str, Any]:
+def default_kwargs(config: Any) -> dict[str, Any]:
     """GenerationConfig cannot be copied; keep its fields as keyword arguments. Unset
     integers read back as SIZE_MAX, which the constructor refuses: leave those out."""
     out = {}
@@ -51,6 +51,28 @@ def _default_kwargs(config: Any) -> dict[str, Any]:
             continue
         out[key] = value
     return out
+
+
+def apply_request_config(gc: Any, p: dict[str, Any]) -> Any:
+    """A request's sampling settings on top of the model's defaults."""
+    gc.max_new_tokens = int(p["max_new_tokens"])
+    temperature = p.get("temperature")
+    if temperature is not None:
+        gc.do_sample = temperature > 0
+        if temperature > 0:
+            gc.temperature = float(temperature)
+    if p.get("top_p") is not None and gc.do_sample:
+        gc.top_p = float(p["top_p"])
+    if p.get("presence_penalty") is not None:
+        gc.presence_penalty = float(p["presence_penalty"])
+    if p.get("frequency_penalty") is not None:
+        gc.frequency_penalty = float(p["frequency_penalty"])
+    if p.get("seed") is not None:
+        gc.rng_seed = int(p["seed"]) & 0xFFFFFFFF
+    if p.get("ignore_eos"):
+        gc.ignore_eos = True
+    gc.num_return_sequences = 1
+    return gc
 
 
 class LLMEngine:
@@ -64,7 +86,7 @@ class LLMEngine:
         self.pipe = ov_genai.ContinuousBatchingPipeline(
             str(model_dir), sc, self.device, config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
-        self.defaults = _default_kwargs(self.pipe.get_config())
+        self.defaults = default_kwargs(self.pipe.get_config())
         self.running: dict[int, _Running] = {}
         # Stopped handles stay referenced until the next step: a collected handle is
         # stopped again by OpenVINO, and dropping it mid-step is not needed.
@@ -83,30 +105,10 @@ class LLMEngine:
                 "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
-    def _config(self, p: dict[str, Any]) -> Any:
-        gc = ov_genai.GenerationConfig(**self.defaults)
-        gc.max_new_tokens = int(p["max_new_tokens"])
-        temperature = p.get("temperature")
-        if temperature is not None:
-            gc.do_sample = temperature > 0
-            if temperature > 0:
-                gc.temperature = float(temperature)
-        if p.get("top_p") is not None and gc.do_sample:
-            gc.top_p = float(p["top_p"])
-        if p.get("presence_penalty") is not None:
-            gc.presence_penalty = float(p["presence_penalty"])
-        if p.get("frequency_penalty") is not None:
-            gc.frequency_penalty = float(p["frequency_penalty"])
-        if p.get("seed") is not None:
-            gc.rng_seed = int(p["seed"]) & 0xFFFFFFFF
-        if p.get("ignore_eos"):
-            gc.ignore_eos = True
-        gc.num_return_sequences = 1
-        return gc
-
     def add(self, req_id: int, payload: dict[str, Any]) -> None:
         ids = ov.Tensor(np.asarray([payload["ids"]], dtype=np.int64))
-        handle = self.pipe.add_request(req_id, ids, self._config(payload))
+        gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), payload)
+        handle = self.pipe.add_request(req_id, ids, gc)
         self.running[req_id] = _Running(handle, int(payload["max_new_tokens"]))
         self.requests_total += 1
         self.tokens_in_total += len(payload["ids"])

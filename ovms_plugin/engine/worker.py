@@ -45,6 +45,9 @@ def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
     if kind == "llm":
         from ovms_plugin.engine.llm import LLMEngine
         return LLMEngine(model_dir, config)
+    if kind == "llm_stateful":
+        from ovms_plugin.engine.llm_stateful import StatefulLLMEngine
+        return StatefulLLMEngine(model_dir, config)
     if kind == "embed":
         from ovms_plugin.engine.embed import EmbedEngine
         return EmbedEngine(model_dir, config)

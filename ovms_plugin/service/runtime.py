@@ -11,6 +11,8 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from ovms_plugin import devices as devices_mod
+from ovms_plugin import paths
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.client import EngineBusy, EngineClient, EngineError
 from ovms_plugin.service import detok, embed, errors
@@ -35,6 +37,9 @@ class LoadedModel:
     byte_table: detok.ByteTable | None = None  # fast streaming detokenization, when exact
     counter: TokenCounter | None = None
     context: int | None = None
+    max_prompt: int | None = None  # the stateful (NPU) pipeline's prompt limit
+    memory_bytes: int = 0  # what the budget counts for it
+    fallbacks: list[str] = field(default_factory=list)  # devices that failed first, and why
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -44,6 +49,7 @@ class Runtime:
         self.store = store
         self.models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._found_devices: list[devices_mod.Device] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -70,45 +76,109 @@ class Runtime:
                 await lm.client.stop()
                 del self.models[name]
             entry = self.entry(name)
-            kind = TASK_ENGINES.get(entry.task)
-            if kind is None:
+            if entry.task not in TASK_ENGINES:
                 raise ServiceError(f"model {name!r} is a {entry.task} model, which this "
                                    "version cannot serve yet", errors.LOAD_FAILED)
             try:
-                ms = settings_mod.model_settings(name, model_bytes=entry.size)
+                ms = settings_mod.model_settings(name)
             except settings_mod.SettingsError as e:
                 raise ServiceError(str(e), errors.LOAD_FAILED) from None
-            config = {"device": ms.device, "properties": ms.properties,
-                      "scheduler": ms.scheduler}
-            if kind == "embed":
+            lm = await self._start(name, entry, ms)
+            self.models[name] = lm
+            return lm
+
+    async def _devices(self) -> list[devices_mod.Device]:
+        if self._found_devices is None:
+            self._found_devices = await asyncio.to_thread(devices_mod.discover)
+        return self._found_devices
+
+    async def _start(self, name: str, entry: ModelEntry, ms: settings_mod.ModelSettings
+                     ) -> LoadedModel:
+        """Starts an engine on the best device for the model's service, falling back to the
+        next candidate when compiling fails; refuses, or first unloads idle models, when
+        the memory budget would be exceeded."""
+        service = devices_mod.TASK_SERVICE[entry.task]
+        candidates = devices_mod.candidates(service, await self._devices(), ms.device)
+        cache_dir = paths.plugin_data_dir() / "cache"
+        tokenizer = None
+        if entry.task != "text-to-image":
+            tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
+        fallbacks: list[str] = []
+        for device in candidates:
+            kind = devices_mod.engine_kind(entry.task, device)
+            if kind == "llm" and ms.engine == "stateful":
+                kind = "llm_stateful"
+            config: dict[str, Any] = {
+                "device": device,
+                "properties": {**devices_mod.compile_properties(device, entry.task, cache_dir,
+                                                                ms.options.get("llm")),
+                               **ms.properties}}
+            if kind == "llm":
+                config["scheduler"] = settings_mod.scheduler_config(
+                    device, ms, entry.size, self._budget_left(exclude=name))
+            elif kind == "embed":
                 config["embed"] = {**embed.sentence_transformers_config(entry.path),
                                    **ms.options["embed"]}
             elif kind == "rerank":
                 config["rerank"] = ms.options["rerank"]
-            _check_memory(name, entry)
-            max_in_flight = _running_capacity(kind, ms) + ms.max_waiting_requests
-            client = EngineClient(name, kind, entry.path, config, max_in_flight)
-            lm = LoadedModel(entry, client, ms, context=entry.context_length())
-            if kind == "embed":
-                lm.context = config["embed"].get("max_length") or lm.context
+            need = _memory_needed(entry, config)
+            await self._make_room(name, need)
+            client = EngineClient(name, kind, entry.path, config,
+                                  _running_capacity(kind, config) + ms.max_waiting_requests)
             started = time.monotonic()
             try:
-                if kind != "image":
-                    lm.tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
-                    lm.counter = TokenCounter(lm.tokenizer)
-                if kind == "llm":
-                    lm.byte_table = await asyncio.to_thread(detok.load_checked, entry.path,
-                                                            lm.tokenizer)
                 await client.start()
             except EngineError as e:
-                raise ServiceError(str(e), errors.LOAD_FAILED) from None
-            except Exception as e:
-                await client.stop()
-                raise ServiceError(f"loading model {name!r} failed: {e}",
-                                   errors.LOAD_FAILED) from None
-            log.info("model %s loaded in %.2fs", name, time.monotonic() - started)
-            self.models[name] = lm
+                fallbacks.append(f"{device}: {e}")
+                log.warning("model %s could not start on %s; %s", name, device,
+                            "trying the next device" if device != candidates[-1] else
+                            "no device left")
+                continue
+            log.info("model %s loaded on %s in %.2fs%s", name, device,
+                     time.monotonic() - started,
+                     f" (after: {'; '.join(fallbacks)})" if fallbacks else "")
+            lm = LoadedModel(entry, client, ms, context=entry.context_length(),
+                             memory_bytes=need, fallbacks=fallbacks)
+            lm.tokenizer = tokenizer
+            if tokenizer is not None:
+                lm.counter = TokenCounter(tokenizer)
+            if kind == "embed":
+                lm.context = config["embed"].get("max_length") or lm.context
+            if kind in ("llm", "llm_stateful"):
+                lm.byte_table = await asyncio.to_thread(detok.load_checked, entry.path,
+                                                        tokenizer)
+            if kind == "llm_stateful":  # the NPU pipeline's prompt limit
+                lm.max_prompt = int(config["properties"].get("MAX_PROMPT_LEN") or 0) or None
             return lm
+        raise ServiceError(f"loading model {name!r} failed on every device tried: "
+                           f"{'; '.join(fallbacks)}", errors.LOAD_FAILED)
+
+    def _budget_left(self, exclude: str = "") -> int:
+        used = sum(lm.memory_bytes for n, lm in self.models.items() if n != exclude)
+        return settings_mod.memory_budget_bytes() - used
+
+    async def _make_room(self, name: str, need: int) -> None:
+        """Unloads least-recently-used idle models until `need` fits in the memory budget
+        and in free memory; refuses with needed vs available when that is not enough."""
+        while True:
+            left = self._budget_left(exclude=name)
+            free = settings_mod.available_memory_bytes()
+            if need <= left and need <= free:
+                return
+            idle = sorted((lm.last_used, n) for n, lm in self.models.items()
+                          if n != name and not lm.client.in_flight)
+            if not idle:
+                break
+            victim = idle[0][1]
+            log.info("unloading %s (least recently used) to make room for %s", victim, name)
+            await self.unload(victim)
+        available = min(self._budget_left(exclude=name), settings_mod.available_memory_bytes())
+        raise ServiceError(
+            f"not enough memory to load model {name!r}: needs about {need / 2**30:.2f} GB, "
+            f"{max(0, available) / 2**30:.2f} GB available (free memory within the plugin's "
+            f"memory budget of {settings_mod.memory_budget_bytes() / 2**30:.2f} GB, after "
+            f"{len(self.models)} busy model(s)); unload models or raise memory_budget",
+            errors.RESOURCE_EXHAUSTED)
 
     async def unload(self, name: str) -> bool:
         lm = self.models.pop(name, None)
@@ -167,7 +237,10 @@ class Runtime:
             details = item["details"]
             details.update({"device": lm.client.info.get("device", lm.settings.device),
                             "engine": lm.client.kind, "alive": lm.client.alive,
-                            "kv_cache_gb": lm.settings.scheduler.get("cache_size"),
+                            "kv_cache_gb": lm.client.config.get("scheduler", {}).get(
+                                "cache_size"),
+                            "memory_bytes": lm.memory_bytes,
+                            "fallbacks": lm.fallbacks,
                             "in_flight": lm.client.in_flight})
             if lm.counter is not None and lm.counter.calls:
                 details["tokenizer_batching"] = round(lm.counter.requests / lm.counter.calls, 2)
@@ -197,6 +270,12 @@ class Runtime:
         else:
             ids = _encode(tok, req.prompt, add_special_tokens=True)
         n_prompt = len(ids)
+        if lm.max_prompt and n_prompt > lm.max_prompt:
+            raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} runs on "
+                          f"{lm.client.info.get('device')} with a prompt limit of "
+                          f"{lm.max_prompt} tokens (MAX_PROMPT_LEN); shorten the prompt, or "
+                          "raise npu_max_prompt_len in the model's llm settings",
+                          "messages")
         max_new = _max_new_tokens(req, n_prompt, lm.context)
         payload = {"ids": ids, "max_new_tokens": max_new, "temperature": req.temperature,
                    "top_p": req.top_p, "presence_penalty": req.presence_penalty,
@@ -293,31 +372,23 @@ def _engine_failure(e: EngineError) -> ServiceError:
     return ServiceError(str(e), e.code, retry_after=1.0 if isinstance(e, EngineBusy) else None)
 
 
-def _running_capacity(kind: str, ms: settings_mod.ModelSettings) -> int:
+def _running_capacity(kind: str, config: dict[str, Any]) -> int:
     """How many requests an engine works on at once; beyond it and max_waiting_requests,
     requests are refused as busy."""
     if kind == "llm":
-        return int(ms.scheduler.get("max_num_seqs", 64))
+        return int(config["scheduler"].get("max_num_seqs", 64))
     if kind == "embed":  # a few batches' worth are in the batcher at once
-        return 4 * int(ms.options["embed"].get("max_batch_size", 16))
-    return 1  # rerank and image: one request at a time
+        return 4 * int(config["embed"].get("max_batch_size", 16))
+    return 1  # stateful LLM, rerank and image: one request at a time
 
 
-def _check_memory(name: str, entry: ModelEntry) -> None:
-    """Refuses a load that cannot fit, rather than letting the OS kill the worker: the
-    weights plus a third for compiled kernels and activations, against free memory
-    within the plugin's budget."""
-    needed = int(entry.size * 1.33)
-    try:
-        available = min(settings_mod.available_memory_bytes(),
-                        settings_mod.memory_budget_bytes())
-    except settings_mod.SettingsError as e:
-        raise ServiceError(str(e), errors.LOAD_FAILED) from None
-    if needed > available:
-        raise ServiceError(
-            f"not enough memory to load model {name!r}: needs about {needed / 2**30:.2f} GB, "
-            f"{available / 2**30:.2f} GB available (free memory within the plugin's memory "
-            "budget); unload other models or raise memory_budget", errors.RESOURCE_EXHAUSTED)
+def _memory_needed(entry: ModelEntry, config: dict[str, Any]) -> int:
+    """What loading costs: the weights plus a third for compiled kernels and activations,
+    plus an LLM's KV cache."""
+    need = int(entry.size * 1.33)
+    if "scheduler" in config:
+        need += int(config["scheduler"].get("cache_size", 0)) * 2**30
+    return need
 
 
 def _token_counts(tok: Any, texts: list[str]) -> list[int]:

@@ -1,0 +1,140 @@
+"""Intel devices: what OpenVINO sees, which device each service should run on, and the
+compile properties the plugin passes for each.
+
+Routing: each service has a preference order over device classes (a discrete GPU before an
+integrated one for chat, the NPU or CPU for embeddings and reranking, any GPU before the CPU
+for images), overridden globally (`device:` in settings, OVMS_PLUGIN_DEVICE) or per model
+(`models: {name: {device: GPU.1}}`). The result is an ordered list of candidates; when
+compiling on one fails the next is tried, and the reasons are kept for ListModels details.
+Everything here takes a device description, so the decisions can be checked against
+laptops this machine is not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("chat", "embed", "rerank", "text-to-image")
+# Device classes in order of preference per service. "GPU.discrete" is an Arc card,
+# "GPU.integrated" the iGPU sharing system memory.
+PREFERENCES: dict[str, tuple[str, ...]] = {
+    "chat": ("GPU.discrete", "GPU.integrated", "CPU"),
+    "embed": ("CPU", "NPU"),
+    "rerank": ("CPU", "NPU"),
+    "text-to-image": ("GPU.discrete", "GPU.integrated", "CPU"),
+}
+# What each engine kind can run on at all.
+SUPPORTED = {
+    "chat": {"CPU", "GPU", "NPU"},  # NPU through LLMPipeline's stateful path
+    "embed": {"CPU", "GPU", "NPU"},
+    "rerank": {"CPU", "GPU", "NPU"},
+    "text-to-image": {"CPU", "GPU", "NPU"},
+}
+TASK_SERVICE = {"text-generation": "chat", "feature-extraction": "embed",
+                "text-classification": "rerank", "text-to-image": "text-to-image"}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # CPU, GPU, GPU.0, GPU.1, NPU
+    full_name: str = ""
+    kind: str = ""  # "integrated" or "discrete" (GPUs); "" otherwise
+    memory_bytes: int | None = None
+    precisions: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def family(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def device_class(self) -> str:
+        return f"GPU.{self.kind}" if self.family == "GPU" and self.kind else self.family
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["precisions"] = list(self.precisions)
+        out["services"] = [s for s in SERVICES if self.family in SUPPORTED[s]]
+        return out
+
+
+def discover(core: Any = None) -> list[Device]:
+    """OpenVINO's devices, described. Properties a device does not report stay empty."""
+    import openvino as ov
+    core = core or ov.Core()
+    devices = []
+    for name in core.available_devices:
+        def prop(key: str, default: Any = None, name: str = name) -> Any:
+            try:
+                return core.get_property(name, key)
+            except Exception:  # not every device reports every property
+                return default
+        kind = str(prop("DEVICE_TYPE", "")).rsplit(".", 1)[-1].lower()
+        memory = prop("GPU_DEVICE_TOTAL_MEM_SIZE")
+        devices.append(Device(
+            name=name, full_name=str(prop("FULL_DEVICE_NAME", name)),
+            kind=kind if name.startswith("GPU") else "",
+            memory_bytes=int(memory) if memory else None,
+            precisions=tuple(str(p) for p in prop("OPTIMIZATION_CAPABILITIES", []))))
+    return devices
+
+
+def candidates(service: str, devices: list[Device], override: str | None = None
+               ) -> list[str]:
+    """The devices to try for a service, best first. An override names a device
+    ("GPU.1"), a family ("GPU": its devices, discrete first) or AUTO (the service's own
+    preference); the CPU is always the last resort."""
+    present = {d.name: d for d in devices}
+    order: list[str] = []
+    wanted = (override or "AUTO").upper()
+    if wanted != "AUTO":
+        if wanted in present:
+            order.append(wanted)
+        else:
+            family = [d for d in devices if d.family == wanted]
+            family.sort(key=lambda d: d.kind != "discrete")
+            order.extend(d.name for d in family)
+        if not order:
+            log.warning("device %s is not present (have %s); using the %s default",
+                        override, ", ".join(present) or "none", service)
+    if not order or wanted == "AUTO":
+        for cls in PREFERENCES[service]:
+            order.extend(d.name for d in devices if d.device_class == cls or
+                         (cls == d.family and d.family != "GPU"))
+    if "CPU" in present or not devices:
+        order.append("CPU")
+    seen: set[str] = set()
+    return [d for d in order if not (d in seen or seen.add(d))
+            and d.split(".")[0] in SUPPORTED[service]]
+
+
+def engine_kind(task: str, device: str) -> str:
+    """LLMs on an NPU run through LLMPipeline's stateful path (ContinuousBatchingPipeline
+    does not run there)."""
+    kind = {"text-generation": "llm", "feature-extraction": "embed",
+            "text-classification": "rerank", "text-to-image": "image"}[task]
+    if kind == "llm" and device.split(".")[0] == "NPU":
+        return "llm_stateful"
+    return kind
+
+
+def compile_properties(device: str, task: str, cache_dir: Path | None,
+                       options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenVINO properties for compiling a model of `task` on `device`, before the model's
+    own `properties` from settings (which win)."""
+    options = options or {}
+    family = device.split(".")[0]
+    props: dict[str, Any] = {}
+    if cache_dir is not None and family in ("GPU", "NPU"):
+        # Compiled blobs: the second load on GPU and NPU skips compilation.
+        props["CACHE_DIR"] = str(cache_dir)
+    if family == "NPU" and task == "text-generation":
+        props["MAX_PROMPT_LEN"] = int(options.get("npu_max_prompt_len", 1024))
+        props["MIN_RESPONSE_LEN"] = int(options.get("npu_min_response_len", 128))
+    if family == "GPU" and task == "text-generation":
+        props["KV_CACHE_PRECISION"] = "f16"
+    return props
