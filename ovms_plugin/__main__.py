@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow the repo's own Python code to run during conversion")
     sub.add_parser("catalog", help="list the curated models that can be pulled by short name")
+    s = sub.add_parser("devices", help="list OpenVINO's devices and what each service would "
+                                       "run on")
+    s.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("serve", add_help=False,
                    help="standalone OpenAI- and AOG-compatible HTTP server (serve --help)")
     s = sub.add_parser("bench", help="benchmark the plugin (or a running server) with the "

@@ -215,13 +215,35 @@ def _demo_aog(args: argparse.Namespace, store: ModelStore) -> int:
     return 0
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from ovms_plugin import devices, settings
+    found = devices.discover()
+    wanted = settings.model_settings("").device
+    routing = {s: devices.candidates(s, found, wanted) for s in devices.SERVICES}
+    if args.json:
+        print(json.dumps({"devices": [d.to_json() for d in found], "routing": routing,
+                          "device_setting": wanted}, indent=1))
+        return 0
+    print(f"{'DEVICE':<8} {'TYPE':<11} {'MEMORY':>9}  {'PRECISIONS':<28} NAME")
+    for d in found:
+        memory = f"{d.memory_bytes / 2**30:.1f} GB" if d.memory_bytes else "shared"
+        print(f"{d.name:<8} {d.kind or d.family.lower():<11} {memory:>9}  "
+              f"{','.join(p for p in d.precisions if p.isupper() and len(p) <= 5):<28} "
+              f"{d.full_name}")
+    print(f"\nrouting (device setting {wanted}; first that compiles wins):")
+    for service, order in routing.items():
+        print(f"  {service:<14} {' > '.join(order)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ovms_plugin.bench.run import run
     return run(args)
 
 
-COMMANDS = {"bench": cmd_bench, "pull": cmd_pull, "catalog": cmd_catalog, "list": cmd_list,
-            "show": cmd_show, "rm": cmd_rm, "install-aog": cmd_install_aog, "demo": cmd_demo}
+COMMANDS = {"bench": cmd_bench, "devices": cmd_devices, "pull": cmd_pull,
+            "catalog": cmd_catalog, "list": cmd_list, "show": cmd_show, "rm": cmd_rm,
+            "install-aog": cmd_install_aog, "demo": cmd_demo}
 
 
 def run(args: argparse.Namespace) -> int:

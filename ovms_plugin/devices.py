@@ -123,14 +123,18 @@ def engine_kind(task: str, device: str) -> str:
 
 
 def compile_properties(device: str, task: str, cache_dir: Path | None,
-                       options: dict[str, Any] | None = None) -> dict[str, Any]:
+                       options: dict[str, Any] | None = None,
+                       cache_mode: str = "auto") -> dict[str, Any]:
     """OpenVINO properties for compiling a model of `task` on `device`, before the model's
-    own `properties` from settings (which win)."""
+    own `properties` from settings (which win). `cache_mode`: "auto" caches compiled blobs
+    on GPU and NPU (where compiling takes seconds to minutes), "always" on every device,
+    "never" nowhere."""
     options = options or {}
     family = device.split(".")[0]
     props: dict[str, Any] = {}
-    if cache_dir is not None and family in ("GPU", "NPU"):
-        # Compiled blobs: the second load on GPU and NPU skips compilation.
+    if cache_dir is not None and (cache_mode == "always" or
+                                  (cache_mode == "auto" and family in ("GPU", "NPU"))):
+        # Compiled blobs: the second load skips compilation.
         props["CACHE_DIR"] = str(cache_dir)
     if family == "NPU" and task == "text-generation":
         props["MAX_PROMPT_LEN"] = int(options.get("npu_max_prompt_len", 1024))
@@ -138,3 +142,21 @@ def compile_properties(device: str, task: str, cache_dir: Path | None,
     if family == "GPU" and task == "text-generation":
         props["KV_CACHE_PRECISION"] = "f16"
     return props
+
+
+def prune_cache(cache_dir: Path, max_bytes: int) -> list[Path]:
+    """Keeps the compiled-blob cache under `max_bytes`, removing the least recently used
+    files first; returns what it removed."""
+    if not cache_dir.is_dir():
+        return []
+    files = [(f.stat().st_atime, f.stat().st_size, f) for f in cache_dir.rglob("*")
+             if f.is_file()]
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, f in sorted(files, key=lambda x: x[0]):
+        if total <= max_bytes:
+            break
+        f.unlink(missing_ok=True)
+        total -= size
+        removed.append(f)
+    return removed

@@ -53,7 +53,8 @@ class ModelSettings:
     scheduler: dict[str, Any] = field(default_factory=dict)  # the user's overrides only
     engine: str = "auto"  # "stateful": LLMPipeline one request at a time (the NPU path)
     max_waiting_requests: int = 64
-    # Engine-kind options from the model's section: embed (pooling, normalize, max_length,
+    # Engine-kind options from the model's section: llm (npu_max_prompt_len,
+    # npu_min_response_len, max_prompt_len), embed (pooling, normalize, max_length,
     # truncate, query_instruction, max_batch_size, max_wait_ms), rerank, image.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -86,6 +87,28 @@ def parse_bytes(value: Any) -> int:
         return int(text)
     except ValueError:
         raise SettingsError(f"{value!r} is not a size; write it like 8GB or 512MB") from None
+
+
+def compile_cache(data: dict | None = None) -> tuple[str, int]:
+    """(mode, size cap in bytes) of the compiled-blob cache: `compile_cache` auto (GPU and
+    NPU), always or never; `compile_cache_max` (default 4GB)."""
+    data = load_file() if data is None else data
+    mode = str(os.environ.get("OVMS_PLUGIN_COMPILE_CACHE") or data.get("compile_cache")
+               or "auto").lower()
+    if mode not in ("auto", "always", "never"):
+        raise SettingsError(f"compile_cache must be auto, always or never, got {mode!r}")
+    return mode, parse_bytes(data.get("compile_cache_max", "4GB"))
+
+
+def idle_unload_seconds(data: dict | None = None) -> float:
+    """Plugin mode unloads models idle this long (0: never; AOG unloads after 5 idle
+    minutes itself)."""
+    data = load_file() if data is None else data
+    value = os.environ.get("OVMS_PLUGIN_IDLE_UNLOAD") or data.get("idle_unload_seconds", 0)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"idle_unload_seconds must be a number, got {value!r}") from None
 
 
 def physical_memory_bytes() -> int:
@@ -154,7 +177,7 @@ def model_settings(name: str, *, data: dict | None = None) -> ModelSettings:
         raise SettingsError(f"max_waiting_requests must be an integer, got {waiting!r}") from e
     properties = {**(data.get("properties") or {}), **(per_model.get("properties") or {})}
     options = {kind: {**(data.get(kind) or {}), **(per_model.get(kind) or {})}
-               for kind in ("embed", "rerank", "image")}
+               for kind in ("llm", "embed", "rerank", "image")}
     return ModelSettings(device=device, properties=properties, scheduler=scheduler,
                          engine=engine, max_waiting_requests=waiting, options=options)
 

@@ -125,12 +125,29 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
     loop.add_signal_handler(signal.SIGTERM, shutdown.set)
     # Import OpenVINO now, in the background, so the first real call does not pay for it.
     check = asyncio.create_task(engine_check.check())
+    idle = asyncio.create_task(_unload_idle(runtime))
     await shutdown.wait()
+    idle.cancel()
     log.info("shutting down")
     runtime.kill_all()  # workers hold no state worth saving; AOG gives us 2 s in all
     await asyncio.gather(runtime.unload_all(), server.stop(grace=0.3))
     check.cancel()
     return 0
+
+
+async def _unload_idle(runtime: Runtime) -> None:
+    """Unloads models idle for `idle_unload_seconds` (off by default: AOG unloads models
+    after 5 idle minutes itself)."""
+    from ovms_plugin import settings
+    while True:
+        try:
+            seconds = settings.idle_unload_seconds()
+        except settings.SettingsError as e:
+            log.warning("%s", e)
+            seconds = 0
+        await asyncio.sleep(min(seconds / 4, 30) if seconds else 30)
+        if seconds:
+            await runtime.unload_idle(seconds)
 
 
 def main(models_dir: Path | None = None) -> int:

@@ -100,6 +100,12 @@ class Runtime:
         service = devices_mod.TASK_SERVICE[entry.task]
         candidates = devices_mod.candidates(service, await self._devices(), ms.device)
         cache_dir = paths.plugin_data_dir() / "cache"
+        try:
+            cache_mode, cache_max = settings_mod.compile_cache()
+        except settings_mod.SettingsError as e:
+            raise ServiceError(str(e), errors.LOAD_FAILED) from None
+        if cache_mode != "never":
+            await asyncio.to_thread(devices_mod.prune_cache, cache_dir, cache_max)
         tokenizer = None
         if entry.task != "text-to-image":
             tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
@@ -110,9 +116,9 @@ class Runtime:
                 kind = "llm_stateful"
             config: dict[str, Any] = {
                 "device": device,
-                "properties": {**devices_mod.compile_properties(device, entry.task, cache_dir,
-                                                                ms.options.get("llm")),
-                               **ms.properties}}
+                "properties": {**devices_mod.compile_properties(
+                    device, entry.task, cache_dir, ms.options["llm"], cache_mode),
+                    **ms.properties}}
             if kind == "llm":
                 config["scheduler"] = settings_mod.scheduler_config(
                     device, ms, entry.size, self._budget_left(exclude=name))
@@ -148,7 +154,8 @@ class Runtime:
                 lm.byte_table = await asyncio.to_thread(detok.load_checked, entry.path,
                                                         tokenizer)
             if kind == "llm_stateful":  # the NPU pipeline's prompt limit
-                lm.max_prompt = int(config["properties"].get("MAX_PROMPT_LEN") or 0) or None
+                lm.max_prompt = int(config["properties"].get("MAX_PROMPT_LEN")
+                                    or ms.options["llm"].get("max_prompt_len") or 0) or None
             return lm
         raise ServiceError(f"loading model {name!r} failed on every device tried: "
                            f"{'; '.join(fallbacks)}", errors.LOAD_FAILED)
