@@ -12,10 +12,7 @@ asks the reader thread's interrupt flags).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +21,19 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.png import encode_rgb
+from ovms_plugin.engine.queued import QueuedEngine
 
 log = logging.getLogger(__name__)
 
 
-class ImageEngine:
-    long_steps = True  # one step is a whole image: metrics are answered from the reader
-
+class ImageEngine(QueuedEngine):
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
+        super().__init__()
         self.device = config.get("device", "CPU")
         started = time.monotonic()
         self.pipe = ov_genai.Text2ImagePipeline(str(model_dir), self.device,
                                                 **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
-        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
-        self.interrupted: set[int] = set()
-        self.lock = threading.Lock()
-        self.emit: Callable[[list[tuple]], None] = lambda outs: None
         self.images_total = 0
         self.steps_total = 0
         log.info("loaded %s on %s in %.2fs", model_dir, self.device, self.load_seconds)
@@ -53,35 +46,16 @@ class ImageEngine:
                              "steps": gc.num_inference_steps,
                              "guidance_scale": gc.guidance_scale}}
 
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
-        self.queue.append((req_id, payload))
-
-    def interrupt(self, req_id: int) -> None:
-        """Called from the reader thread the moment an abort arrives."""
-        with self.lock:
-            self.interrupted.add(req_id)
-
-    def abort(self, req_id: int) -> None:
-        self.queue = deque(item for item in self.queue if item[0] != req_id)
-        with self.lock:
-            self.interrupted.discard(req_id)
-
-    def has_work(self) -> bool:
-        return bool(self.queue)
-
     def step(self) -> list[tuple]:
         req_id, p = self.queue.popleft()
-        with self.lock:
-            if req_id in self.interrupted:
-                self.interrupted.discard(req_id)
-                return []
+        if self.take_interrupt(req_id):
+            return []
         steps = int(p["steps"])
 
         def on_step(step: int, num_steps: int, latent: Any) -> bool:
             self.steps_total += 1
             self.emit([(req_id, {"step": step + 1, "steps": num_steps}, None, None)])
-            with self.lock:
-                return req_id in self.interrupted  # True stops the denoising loop
+            return self.is_interrupted(req_id)  # True stops the denoising loop
 
         kwargs: dict[str, Any] = {
             "width": int(p["width"]), "height": int(p["height"]), "num_inference_steps": steps,
@@ -92,10 +66,8 @@ class ImageEngine:
         if p.get("negative_prompt"):
             kwargs["negative_prompt"] = p["negative_prompt"]
         tensor = self.pipe.generate(p["prompt"], **kwargs)
-        with self.lock:
-            if req_id in self.interrupted:
-                self.interrupted.discard(req_id)
-                return []  # the caller is gone; the engine is free for the next one
+        if self.take_interrupt(req_id):
+            return []  # the caller is gone; the engine is free for the next one
         images = np.asarray(tensor.data)
         pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
         self.images_total += len(pngs)

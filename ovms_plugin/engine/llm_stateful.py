@@ -10,9 +10,7 @@ gets here (the NPU pipeline would otherwise cut it into garbage).
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.llm import apply_request_config, default_kwargs
+from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.stats import Histogram
 
 log = logging.getLogger(__name__)
@@ -45,20 +44,15 @@ class _Streamer(ov_genai.StreamerBase):
         pass
 
 
-class StatefulLLMEngine:
-    long_steps = True  # a step is a whole generation: metrics come from the reader thread
-
+class StatefulLLMEngine(QueuedEngine):
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
+        super().__init__()
         self.device = config.get("device", "CPU")
         started = time.monotonic()
         self.pipe = ov_genai.LLMPipeline(str(model_dir), self.device,
                                          **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
         self.defaults = default_kwargs(self.pipe.get_generation_config())
-        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
-        self.interrupted: set[int] = set()
-        self.lock = threading.Lock()
-        self.emit: Callable[[list[tuple]], None] = lambda outs: None
         self.requests_total = self.tokens_in_total = self.tokens_out_total = 0
         self.ttft = Histogram()
         self.tpot = Histogram()
@@ -68,21 +62,6 @@ class StatefulLLMEngine:
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "engine": "stateful",
                 "load_seconds": round(self.load_seconds, 3), "openvino": ov.get_version()}
-
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
-        self.queue.append((req_id, payload))
-
-    def interrupt(self, req_id: int) -> None:
-        with self.lock:
-            self.interrupted.add(req_id)
-
-    def abort(self, req_id: int) -> None:
-        self.queue = deque(item for item in self.queue if item[0] != req_id)
-        with self.lock:
-            self.interrupted.discard(req_id)
-
-    def has_work(self) -> bool:
-        return bool(self.queue)
 
     def step(self) -> list[tuple]:
         req_id, p = self.queue.popleft()
@@ -97,18 +76,15 @@ class StatefulLLMEngine:
                 self.ttft.observe(first[0] - added)
             count[0] += len(ids)
             self.emit([(req_id, ids, None, None)])
-            with self.lock:
-                return req_id in self.interrupted
+            return self.is_interrupted(req_id)
 
         self.requests_total += 1
         self.tokens_in_total += len(p["ids"])
         ids = ov.Tensor(np.asarray([p["ids"]], dtype=np.int64))
         self.pipe.generate(ids, gc, _Streamer(on_tokens))
         self.tokens_out_total += count[0]
-        with self.lock:
-            if req_id in self.interrupted:
-                self.interrupted.discard(req_id)
-                return []
+        if self.take_interrupt(req_id):
+            return []
         if first and count[0] > 1:
             self.tpot.observe((time.monotonic() - first[0]) / (count[0] - 1))
         finish = "length" if count[0] >= int(p["max_new_tokens"]) else "stop"

@@ -1,0 +1,48 @@
+"""The frame of engines that run one request at a time, each step a whole request (an
+image, a stateful LLM generation): an ordered queue, aborts that reach a running request
+at once from the worker's reader thread, and progress sent in the middle of a step."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+
+class QueuedEngine:
+    long_steps = True  # metrics are answered from the reader thread, not after the step
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.interrupted: set[int] = set()
+        self.lock = threading.Lock()
+        self.emit: Callable[[list[tuple]], None] = lambda outs: None  # set by the worker
+
+    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+        self.queue.append((req_id, payload))
+
+    def interrupt(self, req_id: int) -> None:
+        """Called from the reader thread the moment an abort arrives."""
+        with self.lock:
+            self.interrupted.add(req_id)
+
+    def abort(self, req_id: int) -> None:
+        self.queue = deque(item for item in self.queue if item[0] != req_id)
+        with self.lock:
+            self.interrupted.discard(req_id)
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def is_interrupted(self, req_id: int) -> bool:
+        with self.lock:
+            return req_id in self.interrupted
+
+    def take_interrupt(self, req_id: int) -> bool:
+        """Whether the request was aborted; forgets it (the request is over)."""
+        with self.lock:
+            if req_id in self.interrupted:
+                self.interrupted.discard(req_id)
+                return True
+            return False
