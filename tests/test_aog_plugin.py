@@ -95,6 +95,11 @@ def test_load_is_idempotent(host: AogHost):
     assert host.json_call("LoadModel", {"model": CHAT}).code == 0
     assert host.json_call("LoadModel", {"model": CHAT}).code == 0
     assert CHAT in running(host)
+    # ListModels says where a loaded model runs, how much memory it holds and why.
+    models = json.loads(host.call("ListModels").response_json)["models"]
+    details = next(m for m in models if m["name"] == CHAT)["details"]
+    assert details["device"] == "CPU" and details["fallbacks"] == []
+    assert details["memory_bytes"] > 0 and details["kv_cache_gb"] == 1
 
 
 def test_chat_unary(host: AogHost):

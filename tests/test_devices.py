@@ -237,3 +237,63 @@ def test_idle_unload(home: Path):
             await rt.unload_all()
 
     run(go())
+
+
+def test_static_shape_embeddings_match_dynamic(home: Path):
+    """The NPU's embedding mode on the CPU: fixed batches of max_length tokens, short
+    batches filled with placeholders; same vectors as dynamic shapes."""
+    import numpy as np
+
+    from ovms_plugin import devmodels
+    from ovms_plugin.service import embed
+    src = devmodels.ensure_models(devmodels.default_cache_dir(), ["tiny-embed"])["tiny-embed"]
+    for name in ("static", "dynamic"):
+        shutil.copytree(src, home / "models" / name)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    settings(home, {"models": {
+        "static": {"properties": f32, "embed": {"static_shapes": True, "max_batch_size": 4,
+                                                "max_length": 64}},
+        "dynamic": {"properties": f32}}})
+    texts = ["short", "a somewhat longer sentence about local inference", "émoji 🙂",
+             "x y z", "five", "six and the last one"]
+
+    async def go():
+        rt = Runtime(ModelStore(home / "models"))
+        try:
+            out = {}
+            for name in ("static", "dynamic"):
+                r = await rt.embed(embed.parse_embed({"model": name, "input": texts}))
+                out[name] = np.asarray([d["embedding"] for d in r["data"]])
+            assert rt.models["static"].client.info["static_shapes"] is True
+            metrics = await rt.models["static"].client.metrics()
+            assert metrics["batch_sizes"] == {4: 1, 2: 1}  # real sizes; padded to 4
+            return out
+        finally:
+            await rt.unload_all()
+
+    out = run(go())
+    assert np.allclose(out["static"], out["dynamic"], atol=1e-4)
+
+
+def test_static_shape_images(home: Path):
+    from ovms_plugin import devmodels
+    from ovms_plugin.service import image
+    src = devmodels.ensure_models(devmodels.default_cache_dir(), ["tiny-sd"])["tiny-sd"]
+    shutil.copytree(src, home / "models" / "sd")
+    settings(home, {"models": {"sd": {"image": {"static_size": "64x64"}}}})
+
+    async def go():
+        rt = Runtime(ModelStore(home / "models"))
+        try:
+            async def one(**kw):
+                req = image.parse({"model": "sd", "prompt": "a cat",
+                                   "num_inference_steps": 2, **kw})
+                return [data async for kind, data in rt.image(req) if kind == "images"]
+            [[png]] = await one(size="64x64")
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            with pytest.raises(ServiceError, match=r"static shapes: only 64x64, n=1"):
+                await one(size="128x64")
+        finally:
+            await rt.unload_all()
+
+    run(go())

@@ -248,9 +248,13 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
 
     async def ListModels(self, request, context):
         try:
-            models = await asyncio.to_thread(self.rt.store.list)
-            return pb.ListModelsResponse(code=0, message=SUCCESS, response_json=_json(
-                {"models": [m.to_aog() for m in models]}))
+            models = []
+            for entry in await asyncio.to_thread(self.rt.store.list):
+                item = entry.to_aog()
+                item["details"].update(self.rt.placement(entry.name))  # loaded: where, why
+                models.append(item)
+            return pb.ListModelsResponse(code=0, message=SUCCESS,
+                                         response_json=_json({"models": models}))
         except Exception as e:
             return _error(pb.ListModelsResponse, e)
 

@@ -45,12 +45,19 @@ class EmbedEngine:
         cfg.normalize = bool(opts.get("normalize", True))
         if opts.get("max_length"):
             cfg.max_length = int(opts["max_length"])
+        self.max_batch = int(opts.get("max_batch_size", 16))
+        # Static shapes (the NPU compiles only those): every batch is exactly max_batch
+        # texts of max_length tokens; short batches are filled with placeholder texts.
+        self.static = bool(opts.get("static_shapes", False))
+        if self.static:
+            cfg.batch_size = self.max_batch
+            cfg.pad_to_max_length = True
+            cfg.max_length = int(opts.get("max_length") or 256)
         self.device = config.get("device", "CPU")
         started = time.monotonic()
         self.pipe = ov_genai.TextEmbeddingPipeline(str(model_dir), self.device, cfg,
                                                    **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
-        self.max_batch = int(opts.get("max_batch_size", 16))
         self.max_wait = float(opts.get("max_wait_ms", 2)) / 1000
         self.queue: deque[tuple[int, int, str]] = deque()  # (req_id, index, text)
         self.pending: dict[int, _Pending] = {}
@@ -64,6 +71,7 @@ class EmbedEngine:
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "load_seconds": round(self.load_seconds, 3),
                 "max_batch_size": self.max_batch, "max_wait_ms": self.max_wait * 1000,
+                "static_shapes": self.static,
                 "openvino": ov.get_version()}
 
     def add(self, req_id: int, payload: dict[str, Any]) -> None:
@@ -94,7 +102,10 @@ class EmbedEngine:
                 time.sleep(0.0005)  # the worker loop takes new messages, then steps again
                 return []
         batch = self._take_batch()
-        vectors = self.pipe.embed_documents([text for _, _, text in batch])
+        texts = [text for _, _, text in batch]
+        if self.static:
+            texts += ["."] * (self.max_batch - len(texts))
+        vectors = self.pipe.embed_documents(texts)[:len(batch)]
         self.batch_sizes[len(batch)] += 1
         self.texts_total += len(batch)
         outs = []

@@ -30,9 +30,21 @@ class ImageEngine(QueuedEngine):
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
         super().__init__()
         self.device = config.get("device", "CPU")
+        opts = config.get("image", {})
         started = time.monotonic()
-        self.pipe = ov_genai.Text2ImagePipeline(str(model_dir), self.device,
-                                                **config.get("properties", {}))
+        # Static shapes (the NPU compiles only those): one size, image count and guidance,
+        # fixed at load; the front end refuses requests for anything else.
+        self.static: dict[str, Any] | None = None
+        if opts.get("static_size"):
+            width, height = (int(x) for x in str(opts["static_size"]).lower().split("x"))
+            self.static = {"width": width, "height": height, "n": int(opts.get("static_n", 1)),
+                           "guidance_scale": float(opts.get("static_guidance_scale", 7.5))}
+            self.pipe = ov_genai.Text2ImagePipeline(str(model_dir))
+            self.pipe.reshape(self.static["n"], height, width, self.static["guidance_scale"])
+            self.pipe.compile(self.device, **config.get("properties", {}))
+        else:
+            self.pipe = ov_genai.Text2ImagePipeline(str(model_dir), self.device,
+                                                    **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
         self.images_total = 0
         self.steps_total = 0
@@ -44,7 +56,8 @@ class ImageEngine(QueuedEngine):
                 "openvino": ov.get_version(),
                 "defaults": {"width": gc.width, "height": gc.height,
                              "steps": gc.num_inference_steps,
-                             "guidance_scale": gc.guidance_scale}}
+                             "guidance_scale": gc.guidance_scale},
+                "static": self.static}
 
     def step(self) -> list[tuple]:
         req_id, p = self.queue.popleft()

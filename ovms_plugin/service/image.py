@@ -100,9 +100,21 @@ def parse(body: Any) -> ImageRequest:
     return req
 
 
-def resolve(req: ImageRequest, limits: ImageLimits, defaults: dict[str, Any]) -> dict[str, Any]:
+def resolve(req: ImageRequest, limits: ImageLimits, defaults: dict[str, Any],
+            static: dict[str, Any] | None = None) -> dict[str, Any]:
     """The engine payload: the request checked against the model, gaps filled from the
-    model's own generation defaults."""
+    model's own generation defaults. A pipeline compiled with static shapes takes only
+    its own size, image count and guidance."""
+    if static:
+        defaults = {**defaults, "width": static["width"], "height": static["height"]}
+        asked = (req.width or static["width"], req.height or static["height"], req.n)
+        if asked != (static["width"], static["height"], static["n"]) or (
+                req.guidance_scale is not None
+                and req.guidance_scale != static["guidance_scale"]):
+            raise invalid(f"model {req.model!r} is compiled with static shapes: only "
+                          f"{static['width']}x{static['height']}, n={static['n']}, "
+                          f"guidance_scale {static['guidance_scale']}", "size")
+        req.guidance_scale = static["guidance_scale"]
     default_w = int(defaults.get("width") or limits.default_side)
     default_h = int(defaults.get("height") or limits.default_side)
     width = default_w if req.width is None else req.width

@@ -125,8 +125,15 @@ class Runtime:
             elif kind == "embed":
                 config["embed"] = {**embed.sentence_transformers_config(entry.path),
                                    **ms.options["embed"]}
+                if device.startswith("NPU"):  # the NPU runs static shapes only
+                    config["embed"].setdefault("static_shapes", True)
             elif kind == "rerank":
                 config["rerank"] = ms.options["rerank"]
+            elif kind == "image":
+                config["image"] = dict(ms.options["image"])
+                if device.startswith("NPU"):
+                    native = image_mod.ImageLimits.of(entry.path, {}).default_side
+                    config["image"].setdefault("static_size", f"{native}x{native}")
             need = _memory_needed(entry, config)
             await self._make_room(name, need)
             client = EngineClient(name, kind, entry.path, config,
@@ -236,19 +243,24 @@ class Runtime:
             return False, "; ".join(dead)
         return True, f"ok: {len(self.models)} model(s) loaded"
 
+    def placement(self, name: str) -> dict[str, Any]:
+        """Where a loaded model runs and what it holds (empty when it is not loaded)."""
+        lm = self.models.get(name)
+        if lm is None:
+            return {}
+        return {"device": lm.client.info.get("device", lm.settings.device),
+                "engine": lm.client.kind, "alive": lm.client.alive,
+                "kv_cache_gb": lm.client.config.get("scheduler", {}).get("cache_size"),
+                "memory_bytes": lm.memory_bytes, "fallbacks": lm.fallbacks}
+
     async def running(self) -> list[dict[str, Any]]:
         """Loaded models in ListModels' shape, with engine details."""
         out = []
-        for lm in list(self.models.values()):
+        for name, lm in list(self.models.items()):
             item = lm.entry.to_aog()
             details = item["details"]
-            details.update({"device": lm.client.info.get("device", lm.settings.device),
-                            "engine": lm.client.kind, "alive": lm.client.alive,
-                            "kv_cache_gb": lm.client.config.get("scheduler", {}).get(
-                                "cache_size"),
-                            "memory_bytes": lm.memory_bytes,
-                            "fallbacks": lm.fallbacks,
-                            "in_flight": lm.client.in_flight})
+            details.update(self.placement(name))
+            details["in_flight"] = lm.client.in_flight
             if lm.counter is not None and lm.counter.calls:
                 details["tokenizer_batching"] = round(lm.counter.requests / lm.counter.calls, 2)
             if lm.client.alive:
@@ -360,7 +372,8 @@ class Runtime:
         """Yields ("progress", {"step", "steps"}) per denoising step, then ("images", [png])."""
         lm = await self._served(req.model, "text-to-image")
         limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
-        payload = image_mod.resolve(req, limits, lm.client.info.get("defaults", {}))
+        payload = image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
+                                    lm.client.info.get("static"))
         try:
             async with aclosing(lm.client.submit(payload)) as outputs:
                 async for out in outputs:
