@@ -35,8 +35,6 @@ SUPPORTED = {
     "rerank": {"CPU", "GPU", "NPU"},
     "text-to-image": {"CPU", "GPU", "NPU"},
 }
-TASK_SERVICE = {"text-generation": "chat", "feature-extraction": "embed",
-                "text-classification": "rerank", "text-to-image": "text-to-image"}
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,6 @@ from ovms_plugin.sysinfo import machine_description
 log = logging.getLogger(__name__)
 WORDS = ("the local model answers questions about laptops graphics memory tokens cache "
          "batching engines drivers kernels images vectors search documents stories").split()
-SERVICE_OF_TASK = {"text-generation": "chat", "feature-extraction": "embed",
-                   "text-to-image": "text-to-image"}
 
 
 def _prompts(tok: Any, n: int, tokens: int) -> list[str]:
@@ -228,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         ensure_default_model(store)
     entry = store.get(model)
-    service = args.service or SERVICE_OF_TASK.get(entry.task, "chat")
+    service = args.service or (entry.services or ("chat",))[0]
     args.service_resolved = service
     if service not in entry.services:
         raise SystemExit(f"model {model!r} serves {list(entry.services)}, not {service!r}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ovms_plugin.service.errors import invalid, require_model
+from ovms_plugin.service.errors import int_field, invalid, require_model
 from ovms_plugin.store.store import read_json
 
 MAX_INPUTS = 2048
@@ -63,11 +63,7 @@ def parse_embed(body: Any) -> EmbedRequest:
         raise invalid(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}",
                       "encoding_format")
     req.encoding_format = fmt
-    dims = body.get("dimensions")
-    if dims is not None:
-        if isinstance(dims, bool) or not isinstance(dims, int) or dims <= 0:
-            raise invalid(f"'dimensions' must be a positive integer, got {dims!r}", "dimensions")
-        req.dimensions = dims
+    req.dimensions = int_field(body, "dimensions")
     if body.get("truncate") is not None:
         req.truncate = bool(body["truncate"])
     input_type = body.get("input_type") or "document"
@@ -87,11 +83,7 @@ def parse_rerank(body: Any) -> RerankRequest:
         docs = [d.get("text") if isinstance(d, dict) else d for d in docs]
     req = RerankRequest(model=model, query=query,
                         documents=_texts(docs, "document", "documents"))
-    top_n = body.get("top_n")
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0:
-            raise invalid(f"'top_n' must be a positive integer, got {top_n!r}", "top_n")
-        req.top_n = top_n
+    req.top_n = int_field(body, "top_n")
     req.return_documents = bool(body.get("return_documents", False))
     if body.get("truncate") is not None:
         req.truncate = bool(body["truncate"])

@@ -49,6 +49,22 @@ def invalid(message: str, param: str | None = None) -> ServiceError:
     return ServiceError(message, INVALID_REQUEST, param)
 
 
+def int_field(body: dict, key: str, lo: int = 1, hi: int | None = None) -> int | None:
+    """An optional integer field within [lo, hi] (hi None: any positive integer)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if hi is None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise invalid(f"'{key}' must be a positive integer, got {value!r}", key)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{key}' must be an integer from {lo} to {hi}, got {value!r}", key)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' must be from {lo} to {hi}, got {value}", key)
+    return value
+
+
 def require_model(body: object) -> str:
     """The model a request body names; refuses a body that is not an object or names none."""
     if not isinstance(body, dict):

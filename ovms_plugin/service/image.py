@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ovms_plugin.service.errors import invalid, require_model
+from ovms_plugin.service.errors import int_field, invalid, require_model
 from ovms_plugin.store.store import read_json
 
 MAX_STEPS = 150
@@ -52,17 +52,6 @@ class ImageLimits:
                    max_side=int(options.get("max_size") or min(4096, native * 2)))
 
 
-def _int(body: dict, key: str, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"'{key}' must be an integer from {lo} to {hi}, got {value!r}", key)
-    if not lo <= value <= hi:
-        raise invalid(f"'{key}' must be from {lo} to {hi}, got {value}", key)
-    return value
-
-
 def parse(body: Any) -> ImageRequest:
     model = require_model(body)
     prompt = body.get("prompt")
@@ -75,8 +64,8 @@ def parse(body: Any) -> ImageRequest:
         if not m:
             raise invalid(f"'size' must look like 512x512 (or 512*512), got {size!r}", "size")
         req.width, req.height = int(m.group(1)), int(m.group(2))
-    req.steps = _int(body, "num_inference_steps", 1, MAX_STEPS)
-    req.n = _int(body, "n", 1, MAX_IMAGES) or 1
+    req.steps = int_field(body, "num_inference_steps", 1, MAX_STEPS)
+    req.n = int_field(body, "n", 1, MAX_IMAGES) or 1
     seed = body.get("seed", body.get("rng_seed"))
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

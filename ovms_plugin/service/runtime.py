@@ -23,11 +23,6 @@ from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, Store
 
 log = logging.getLogger(__name__)
 
-# Which engine kind serves a task.
-TASK_ENGINES = {"text-generation": "llm", "feature-extraction": "embed",
-                "text-classification": "rerank", "text-to-image": "image"}
-
-
 @dataclass
 class LoadedModel:
     entry: ModelEntry
@@ -76,7 +71,7 @@ class Runtime:
                 await lm.client.stop()
                 del self.models[name]
             entry = self.entry(name)
-            if entry.task not in TASK_ENGINES:
+            if not entry.services:
                 raise ServiceError(f"model {name!r} is a {entry.task} model, which this "
                                    "version cannot serve yet", errors.LOAD_FAILED)
             try:
@@ -97,7 +92,7 @@ class Runtime:
         """Starts an engine on the best device for the model's service, falling back to the
         next candidate when compiling fails; refuses, or first unloads idle models, when
         the memory budget would be exceeded."""
-        service = devices_mod.TASK_SERVICE[entry.task]
+        service = entry.services[0]  # the routing is by the model's first service
         candidates = devices_mod.candidates(service, await self._devices(), ms.device)
         cache_dir = paths.plugin_data_dir() / "cache"
         try:
@@ -274,10 +269,7 @@ class Runtime:
     async def text(self, req: TextRequest) -> AsyncIterator[TextDelta]:
         """Runs a chat or generate request; yields text as it is produced. The last delta
         carries finish_reason and the token counts."""
-        lm = await self.load(req.model)
-        if req.service not in lm.entry.services:
-            raise invalid(f"model {req.model!r} serves {list(lm.entry.services)}, not "
-                          f"{req.service!r}; pick a text-generation model", "model")
+        lm = await self._served(req.model, req.service)
         tok = lm.tokenizer
         if req.service == "chat":
             try:

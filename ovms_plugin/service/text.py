@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovms_plugin.service.errors import invalid, require_model
+from ovms_plugin.service.errors import int_field, invalid, require_model
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -93,12 +93,9 @@ def parse(service: str, body: Any) -> TextRequest:
         if not isinstance(prompt, str) or not prompt:
             raise invalid("'prompt' must be a non-empty string", "prompt")
         req.prompt = prompt
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise invalid(f"'max_tokens' must be a positive integer, got {max_tokens!r}",
-                          "max_tokens")
-        req.max_tokens = max_tokens
+    # OpenAI's newer name wins over the older one.
+    req.max_tokens = int_field(
+        {"max_tokens": body.get("max_completion_tokens", body.get("max_tokens"))}, "max_tokens")
     req.temperature = _number(body, "temperature", 0, 2)
     req.top_p = _number(body, "top_p", 0, 1)
     if req.top_p == 0:

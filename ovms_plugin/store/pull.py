@@ -32,6 +32,7 @@ from ovms_plugin import settings
 from ovms_plugin.store import catalog, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
+    TASK_SERVICES,
     ModelEntry,
     ModelStore,
     StoreError,
@@ -48,9 +49,8 @@ from ovms_plugin.store.store import (
 log = logging.getLogger(__name__)
 
 # AOG service name (model_type) -> the task its model must have.
-SERVICE_TASKS = {"chat": "text-generation", "generate": "text-generation",
-                 "embed": "feature-extraction", "rerank": "text-classification",
-                 "text-to-image": "text-to-image"}
+SERVICE_TASKS = {service: task for task, services in TASK_SERVICES.items()
+                 for service in services}
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 # Files an installed model of each task must hold.
 REQUIRED_FILES = {
