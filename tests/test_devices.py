@@ -164,6 +164,11 @@ def test_stateful_path_one_request_at_a_time(home: Path):
             assert [d.text for d in stateful] == [d.text for d in batched]
             metrics = await lm.client.metrics()
             assert metrics["requests_total"] == 3
+            # /metrics exports the stateful engine like the batching one.
+            from ovms_plugin.http.metrics import Exposition, export_models
+            exposition = Exposition()
+            export_models(exposition, await rt.running())
+            assert any(name.endswith("llm_requests_total") for name in exposition.families)
             with pytest.raises(ServiceError, match="prompt limit of 64 tokens"):
                 await _chat(rt, "chat-a", "word " * 100)
         finally:

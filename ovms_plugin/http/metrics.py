@@ -160,7 +160,7 @@ def export_models(out: Exposition, running: list[dict[str, Any]]) -> None:
         out.gauge("model_requests_in_flight", "Requests running or waiting in the engine.",
                   model, d.get("in_flight"))
         m = d.get("metrics") or {}
-        if engine == "llm":
+        if engine in ("llm", "llm_stateful"):  # same metrics; the stateful one has no KV stats
             _export_llm(out, model, m)
         elif engine == "embed":
             out.counter("embed_batches_total", "Batches the embedding engine ran.", model,
