@@ -19,7 +19,7 @@ import yaml
 from ovms_plugin import __version__, engine_check, paths
 from ovms_plugin.aog.proto import provider_pb2 as pb
 from ovms_plugin.aog.proto import provider_pb2_grpc as pb_grpc
-from ovms_plugin.service import errors, invoke
+from ovms_plugin.service import errors, invoke, jsonenc
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store import pull as pull_mod
@@ -30,7 +30,7 @@ SUCCESS = "success"
 
 
 def _json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False).encode()
+    return jsonenc.dumps(data).encode()
 
 
 def _body(raw: bytes, what: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ovms_plugin.http.metrics import HttpMetrics
-from ovms_plugin.service import errors
+from ovms_plugin.service import errors, jsonenc
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.runtime import Runtime
 
@@ -53,7 +53,7 @@ _CODES = {errors.INVALID_ARGUMENT: "invalid_request", errors.INVALID_REQUEST: "i
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return jsonenc.dumps(data, compact=True)
 
 
 def error_body(status: int, message: str, param: str | None = None,

