@@ -168,8 +168,9 @@ class EmbedEngine:
         size spreads what is queued over the idle infer requests, up to max_batch_size.
         Measured with 64 clients sending texts of 5 to 93 tokens: padding fell from 63 % to
         7 % of the real tokens, against taking the shortest texts of the queue."""
-        items = list(self.queue)
-        size = min(self.max_batch, -(-len(items) // len(self.idle)))
+        # The oldest texts only: a request may bring thousands, and this runs per batch.
+        items = [self.queue.popleft() for _ in range(min(len(self.queue), 32 * self.max_batch))]
+        size = min(self.max_batch, -(-(len(items) + len(self.queue)) // len(self.idle)))
         order = sorted(range(len(items)), key=lambda i: len(items[i][2]))
         lengths = [len(items[i][2]) for i in order]
         sums = np.concatenate([[0], np.cumsum(lengths)])
@@ -177,7 +178,7 @@ class EmbedEngine:
         first = min(range(max(0, oldest - size + 1), min(oldest, len(items) - size) + 1),
                     key=lambda i: lengths[i + size - 1] * size - (sums[i + size] - sums[i]))
         chosen = set(order[first:first + size])
-        self.queue = deque(item for i, item in enumerate(items) if i not in chosen)
+        self.queue.extendleft(reversed([item for i, item in enumerate(items) if i not in chosen]))
         return [items[i] for i in sorted(chosen)]
 
     def _batch_ready(self) -> bool:
