@@ -37,12 +37,17 @@ def test_bench_chat_with_baselines_multi_turn_json_and_plot(plugin_home: Path, t
     for level in result["levels"]:
         assert all(k in level for k in METRICS)
         assert level["completed"] == 4 and level["failed"] == 0
+        assert level["warmup_requests"] == level["concurrency"]
         assert level["total_output_tokens"] == 4 * 8  # ignore_eos: exactly max_tokens each
         assert level["p99_health_check_ms"] is not None
     base = result["baselines"]
+    # The ceiling works on batches as large as the busiest level's: 2 prompts per call.
     assert base["ceiling_cb_generate"]["output_throughput"] > 0
+    assert base["ceiling_cb_generate"]["prompts_per_call"] == 2
+    assert base["cb_generate_all_at_once"]["prompts_per_call"] == 4
     assert base["naive_llmpipeline"]["mean_tpot_ms"] > 0
     assert set(result["ratios"]) == {"throughput_c2_vs_ceiling", "throughput_c2_vs_naive",
+                                     "throughput_c2_vs_all_at_once",
                                      "ttft_c1_vs_llmpipeline", "tpot_c1_vs_llmpipeline"}
     turns = result["multi_turn"]
     assert turns["prefix_caching_on"]["turn2_mean_prompt_tokens"] > 16

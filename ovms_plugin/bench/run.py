@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +79,34 @@ def _p99_ms(values: list[float]) -> float | None:
     return round(percentile(values, 0.99) * 1000, 2) if values else None
 
 
-def _run_levels(address: str, target: str, service: str, bodies_for: Any,
-                levels: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def _run_levels(address: str, target: str, service: str, plan: list[Level],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
-    for c in levels:
-        n = args.requests or max(8, 4 * c)
-        bodies = bodies_for(n)
+    for level in plan:
+        c, bodies = level.concurrency, level.bodies
         spec = {"target": target, "address": address, "service": service,
                 "bodies": bodies, "concurrency": c, "api_key": args.api_key, "probe": True}
-        _loadgen({**spec, "bodies": bodies[:1], "concurrency": 1, "probe": False})  # warm
+        # One untimed wave at this concurrency first, on prompts of its own: a pipeline's
+        # first batches of a new size run up to a third slower (kernels for new shapes,
+        # KV-cache blocks allocated), which is start-up cost, not serving throughput.
+        _loadgen({**spec, "bodies": level.warmup, "probe": False})
         raw = _loadgen(spec)
         records = [Record(**r) for r in raw["records"]]
-        summary = {"concurrency": c, "requests": n, **summarize(records, raw["duration"])}
+        summary = {"concurrency": c, "requests": len(bodies),
+                   "warmup_requests": len(level.warmup), **summarize(records, raw["duration"])}
         summary["p99_health_check_ms"] = _p99_ms(raw["probe"]["health"])
         summary["p99_list_models_ms"] = _p99_ms(raw["probe"]["list_models"])
         results.append(summary)
     return results
+
+
+@dataclass
+class Level:
+    """One concurrency level and its prompts: a warm-up wave and the measured requests,
+    all distinct (the same prompt twice would be a prefix-cache hit)."""
+    concurrency: int
+    warmup: list[Any]
+    bodies: list[Any]
 
 
 def _multi_turn(store: ModelStore, model: str, bodies_for: Any, levels: list[int],
@@ -124,19 +137,25 @@ def _multi_turn(store: ModelStore, model: str, bodies_for: Any, levels: list[int
     return out
 
 
-def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
-               args: argparse.Namespace) -> dict[str, Any]:
-    """In this process, with the server stopped: the engine's offline throughput over all
-    prompts at once (the ceiling), and one LLMPipeline serving them one after another."""
+def _baselines(entry: ModelEntry, level: Level, args: argparse.Namespace) -> dict[str, Any]:
+    """In this process, with the server stopped, on the busiest level's prompts: the
+    engine's offline throughput (the ceiling) and one LLMPipeline serving them one after
+    another (the naive server)."""
     import openvino_genai as ov_genai
 
     from ovms_plugin import devices
     ms = settings.model_settings(entry.name)
     device = devices.candidates("chat", devices.discover(), ms.device)[0]
     tok = ov_genai.Tokenizer(str(entry.path))
-    rendered = [tok.apply_chat_template([{"role": "user", "content": p}],
-                                        add_generation_prompt=True) for p in prompts] \
-        if args.service_resolved == "chat" else prompts
+
+    def rendered(bodies: list[dict[str, Any]]) -> list[str]:
+        if args.service_resolved == "chat":
+            return [tok.apply_chat_template(b["messages"], add_generation_prompt=True)
+                    for b in bodies]
+        return [b["prompt"] for b in bodies]
+
+    prompts, warmup = rendered(level.bodies), rendered(level.warmup)
+    c = level.concurrency
 
     def config() -> Any:
         gc = ov_genai.GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False,
@@ -144,39 +163,50 @@ def _baselines(entry: ModelEntry, prompts: list[str], concurrency: int,
         gc.apply_chat_template = False  # rendered already, exactly as the plugin renders
         return gc
 
+    def generate(cb: Any, batch: list[str]) -> int:
+        results = cb.generate(batch, [config()] * len(batch))
+        # Each result's perf metrics describe the whole generate() call.
+        return max(int(r.perf_metrics.get_num_generated_tokens()) for r in results)
+
     sc = ov_genai.SchedulerConfig()
     for key, value in settings.scheduler_config(device, ms, entry.size).items():
         setattr(sc, key, value)
-    # All prompts at once, but at most as many in flight as the busiest level had clients,
-    # so the ceiling and the plugin work on batches of the same size.
-    sc.max_num_seqs = concurrency
     cb = ov_genai.ContinuousBatchingPipeline(str(entry.path), sc, device, ms.properties)
-    cb.generate(rendered[:1], [config()])
+    generate(cb, warmup)  # the same untimed wave the plugin's level had
+    # The ceiling works on batches of the size the plugin could have: `c` prompts per
+    # generate() call. (max_num_seqs does not cap a batch under dynamic split-fuse: 64
+    # prompts given at once ran in 64 steps, all of them in every step.)
     started = time.perf_counter()
-    results = cb.generate(rendered, [config()] * len(rendered))
+    tokens = sum(generate(cb, prompts[i:i + c]) for i in range(0, len(prompts), c))
     seconds = time.perf_counter() - started
-    # Each result's perf metrics describe the whole generate() call.
-    tokens = max(int(r.perf_metrics.get_num_generated_tokens()) for r in results)
-    ceiling = {"requests": len(rendered), "max_num_seqs": concurrency,
-               "seconds": round(seconds, 3), "output_throughput": round(tokens / seconds, 2)}
+    ceiling = {"requests": len(prompts), "prompts_per_call": c, "seconds": round(seconds, 3),
+               "output_throughput": round(tokens / seconds, 2)}
+    # For reference: every prompt in one call, batches larger than any client sent.
+    started = time.perf_counter()
+    tokens = generate(cb, prompts)
+    seconds = time.perf_counter() - started
+    all_at_once = {"requests": len(prompts), "prompts_per_call": len(prompts),
+                   "seconds": round(seconds, 3),
+                   "output_throughput": round(tokens / seconds, 2)}
     del cb
 
     llm = ov_genai.LLMPipeline(str(entry.path), device, **ms.properties)
-    llm.generate(rendered[0], config())
+    llm.generate(warmup[0], config())
     ttfts, tpots, total_tokens = [], [], 0
     started = time.perf_counter()
-    for prompt in rendered:
+    for prompt in prompts:
         res = llm.generate([prompt], config())
         pm = res.perf_metrics
         ttfts.append(pm.get_ttft().mean / 1000)
         tpots.append(pm.get_tpot().mean / 1000)
         total_tokens += int(pm.get_num_generated_tokens())
     seconds = time.perf_counter() - started
-    naive = {"requests": len(rendered), "seconds": round(seconds, 3),
+    naive = {"requests": len(prompts), "seconds": round(seconds, 3),
              "output_throughput": round(total_tokens / seconds, 2),
              "mean_ttft_ms": round(sum(ttfts) / len(ttfts) * 1000, 2),
              "mean_tpot_ms": round(sum(tpots) / len(tpots) * 1000, 2)}
-    return {"ceiling_cb_generate": ceiling, "naive_llmpipeline": naive}
+    return {"ceiling_cb_generate": ceiling, "cb_generate_all_at_once": all_at_once,
+            "naive_llmpipeline": naive}
 
 
 def _table(levels: list[dict[str, Any]]) -> str:
@@ -232,12 +262,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"model {model!r} serves {list(entry.services)}, not {service!r}")
     levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     tok = ov_genai.Tokenizer(str(entry.path)) if service != "text-to-image" else None
-    max_n = max(args.requests or max(8, 4 * c) for c in levels)
-    prompts = _prompts(tok, max_n, args.prompt_tokens) if tok else \
-        [f"a picture number {i} of a red cat" for i in range(max_n)]
+    sizes = [(c, args.requests or max(8, 4 * c)) for c in levels]
+    total = sum(c + n for c, n in sizes)
+    prompts = _prompts(tok, total, args.prompt_tokens) if tok else \
+        [f"a picture number {i} of a red cat" for i in range(total)]
+    bodies = [_body(service, model, p, args) for p in prompts]
+    plan, start = [], 0
+    for c, n in sizes:
+        plan.append(Level(c, bodies[start:start + c], bodies[start + c:start + c + n]))
+        start += c + n
 
     def bodies_for(n: int) -> list[dict[str, Any]]:
-        return [_body(service, model, p, args) for p in prompts[:n]]
+        return bodies[:n]
 
     result: dict[str, Any] = {
         "machine": machine_description(), "model": model, "service": service,
@@ -248,20 +284,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"benchmarking {model} ({service}) on {args.target}", file=sys.stderr)
     if args.target == "plugin":
         result["levels"] = _with_plugin(store, model, lambda address: _run_levels(
-            address, "grpc", service, bodies_for, levels, args))
+            address, "grpc", service, plan, args))
     else:
-        result["levels"] = _run_levels(args.target, "http", service, bodies_for, levels, args)
+        result["levels"] = _run_levels(args.target, "http", service, plan, args)
     if args.baselines and service in ("chat", "generate"):
         print("baselines: offline ContinuousBatchingPipeline.generate and one-at-a-time "
               "LLMPipeline", file=sys.stderr)
-        n = args.requests or max(8, 4 * max(levels))
-        result["baselines"] = _baselines(entry, prompts[:n], max(levels), args)
-        top = result["levels"][-1]
+        busiest = max(range(len(plan)), key=lambda i: plan[i].concurrency)
+        result["baselines"] = _baselines(entry, plan[busiest], args)
+        top = result["levels"][busiest]
         one = next((r for r in result["levels"] if r["concurrency"] == 1), None)
         base = result["baselines"]
         ratios = {
             f"throughput_c{top['concurrency']}_vs_ceiling": round(
                 top["output_throughput"] / base["ceiling_cb_generate"]["output_throughput"], 3),
+            f"throughput_c{top['concurrency']}_vs_all_at_once": round(
+                top["output_throughput"]
+                / base["cb_generate_all_at_once"]["output_throughput"], 3),
             f"throughput_c{top['concurrency']}_vs_naive": round(
                 top["output_throughput"] / base["naive_llmpipeline"]["output_throughput"], 3)}
         if one:
