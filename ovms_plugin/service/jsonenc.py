@@ -40,11 +40,14 @@ def floats(vector: np.ndarray) -> Raw:
 
 def dumps(data: Any, compact: bool = False) -> str:
     raws: list[str] = []
-    # A random tag per call: no text inside the document can imitate a placeholder.
-    tag = secrets.token_hex(8)
+    tag = ""
 
     def placeholder(obj: Any) -> str:
+        nonlocal tag
         if isinstance(obj, Raw):
+            # A random tag per document (made only when it has fragments, as most streamed
+            # chunks have none): no text inside it can imitate a placeholder.
+            tag = tag or secrets.token_hex(8)
             raws.append(obj.text)
             return f"{tag}:{len(raws) - 1}"
         raise TypeError(f"{type(obj).__name__} is not JSON serializable")
