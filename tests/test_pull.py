@@ -319,8 +319,8 @@ def _pull_req(method: str, body: dict):
 
 
 @pytest.mark.parametrize("recipe,model_type,task,fmt", [
-    ("tiny-embed-hf", "embed", "feature-extraction", "INT8"),
-    ("tiny-rerank-hf", "rerank", "text-classification", "INT8"),
+    ("tiny-embed-hf", "embed", "feature-extraction", "FP16"),
+    ("tiny-rerank-hf", "rerank", "text-classification", "FP16"),
     ("tiny-sd-hf", "text-to-image", "text-to-image", "FP16"),
 ])
 def test_every_service_converts_by_type(hub: HubServer, store: ModelStore, recipe: str,
