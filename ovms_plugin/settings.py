@@ -55,7 +55,8 @@ class ModelSettings:
     max_waiting_requests: int = 64
     # Engine-kind options from the model's section: llm (npu_max_prompt_len,
     # npu_min_response_len, max_prompt_len), embed (pooling, normalize, max_length,
-    # truncate, query_instruction, max_batch_size, max_wait_ms), rerank, image.
+    # truncate, query_instruction, max_batch_size, max_wait_ms, parallel_batches,
+    # static_shapes), rerank, image.
     options: dict[str, Any] = field(default_factory=dict)
 
 
