@@ -79,6 +79,15 @@ def _p99_ms(values: list[float]) -> float | None:
     return round(percentile(values, 0.99) * 1000, 2) if values else None
 
 
+@dataclass
+class Level:
+    """One concurrency level and its prompts: a warm-up wave and the measured requests,
+    all distinct (the same prompt twice would be a prefix-cache hit)."""
+    concurrency: int
+    warmup: list[Any]
+    bodies: list[Any]
+
+
 def _run_levels(address: str, target: str, service: str, plan: list[Level],
                 args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
@@ -98,15 +107,6 @@ def _run_levels(address: str, target: str, service: str, plan: list[Level],
         summary["p99_list_models_ms"] = _p99_ms(raw["probe"]["list_models"])
         results.append(summary)
     return results
-
-
-@dataclass
-class Level:
-    """One concurrency level and its prompts: a warm-up wave and the measured requests,
-    all distinct (the same prompt twice would be a prefix-cache hit)."""
-    concurrency: int
-    warmup: list[Any]
-    bodies: list[Any]
 
 
 def _multi_turn(store: ModelStore, model: str, bodies_for: Any, levels: list[int],

@@ -79,7 +79,7 @@ class EmbedEngine:
         self.max_wait = float(opts.get("max_wait_ms", 2)) / 1000
         self.max_length = int(opts["max_length"]) if opts.get("max_length") else None
         # Static shapes (the NPU compiles only those): every batch is exactly max_batch
-        # texts of max_length tokens; short batches are filled with placeholder texts.
+        # texts of max_length tokens; short batches are filled with one-token placeholder rows.
         self.static = bool(opts.get("static_shapes", False))
         if self.static:
             self.max_length = self.max_length or 256

@@ -17,13 +17,12 @@ import numpy as np
 
 
 class Raw:
-    """A JSON value already rendered; `value` is the same data for Python callers."""
+    """A JSON value already rendered."""
 
-    __slots__ = ("text", "value")
+    __slots__ = ("text",)
 
-    def __init__(self, text: str, value: Any) -> None:
+    def __init__(self, text: str) -> None:
         self.text = text
-        self.value = value
 
 
 _FORMATS: dict[int, str] = {}
@@ -35,7 +34,7 @@ def floats(vector: np.ndarray) -> Raw:
     fmt = _FORMATS.get(len(values))
     if fmt is None:
         fmt = _FORMATS.setdefault(len(values), "[" + ",".join(["%.9g"] * len(values)) + "]")
-    return Raw(fmt % tuple(values), values)
+    return Raw(fmt % tuple(values))
 
 
 def dumps(data: Any, compact: bool = False) -> str:
@@ -59,13 +58,3 @@ def dumps(data: Any, compact: bool = False) -> str:
                                 else m.group(0), text)
     return text
 
-
-def plain(data: Any) -> Any:
-    """`data` with every fragment replaced by its value (for callers that want Python)."""
-    if isinstance(data, Raw):
-        return data.value
-    if isinstance(data, dict):
-        return {k: plain(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [plain(v) for v in data]
-    return data

@@ -102,7 +102,9 @@ class Runtime:
         if cache_mode != "never":
             await asyncio.to_thread(devices_mod.prune_cache, cache_dir, cache_max)
         tokenizer = None
-        if entry.task != "text-to-image":
+        # Chat templates, prompt ids and rerank counts need the tokenizer here; embedding
+        # engines count their own tokens, and images have none.
+        if entry.task in ("text-generation", "text-classification"):
             tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
         fallbacks: list[str] = []
         for device in candidates:
