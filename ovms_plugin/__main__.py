@@ -20,16 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("install-aog", help="lay out the AOG plugin folder")
     s.add_argument("--plugins-dir", type=Path, default=None,
                    help="AOG's plugins dir (default: <AOG data dir>/plugins)")
-    s = sub.add_parser("demo", help="make the built-in default model, serve it over HTTP and "
+    s = sub.add_parser("demo", help="install the built-in default model (SmolLM2-135M-Instruct), "
+                                    "serve it over HTTP and "
                                     "show how to call it (--aog: launch the plugin as AOG "
                                     "does and stream one chat answer instead)")
-    s.add_argument("prompt", nargs="?", default="Write a haiku about local inference.")
-    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("prompt", nargs="?", default="Give me three tips for staying focused.")
+    s.add_argument("--max-tokens", type=int, default=200)
     s.add_argument("--aog", action="store_true", help="drive the plugin as AOG does, then exit")
     s.add_argument("--port", type=int, default=8000)
     sub.add_parser("list", help="list installed models")
     s = sub.add_parser("pull", help="install a model: a Hugging Face repo id "
-                                    "(org/name[@revision]), a catalog name or a local folder")
+                                    "(org/name[@revision]), a GGUF repo with its quant "
+                                    "(org/name-GGUF:Q4_K_M or hf.co/org/name:Q4_K_M), a "
+                                    "catalog name, a local folder or a local .gguf file")
     s.add_argument("model")
     s.add_argument("--name", default=None, help="name to install it under")
     s.add_argument("--type", dest="model_type", default=None,

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin import paths
+from ovms_plugin.builtin import DEFAULT_MODEL
 from ovms_plugin.logs import setup_logging
 from ovms_plugin.store.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "tiny-chat"
 
 
 def _store(args: argparse.Namespace) -> ModelStore:
@@ -99,19 +99,14 @@ def cmd_install_aog(args: argparse.Namespace) -> int:
 
 
 def ensure_default_model(store: ModelStore) -> None:
-    """Makes the built-in default model offline (a tiny random chat model with its own
-    tokenizer) and installs it, once."""
-    try:
-        store.get(DEFAULT_MODEL)
-        return
-    except StoreError:
-        pass
-    from ovms_plugin import devmodels
-    from ovms_plugin.store import pull
-    log.info("making the built-in default model %s (offline, once)", DEFAULT_MODEL)
-    folder = devmodels.ensure_models(devmodels.default_cache_dir(), [DEFAULT_MODEL])
-    pull.pull(store, pull.PullRequest(model=str(folder[DEFAULT_MODEL]), name=DEFAULT_MODEL,
-                                      model_type="chat"), lambda msg: None)
+    """Installs the built-in default model (SmolLM2-135M-Instruct, from its GGUF) once."""
+    from ovms_plugin import builtin
+    if store.find(DEFAULT_MODEL) is None:
+        bar = ProgressBar()
+        try:
+            builtin.ensure_default_model(store, progress=bar)
+        finally:
+            sys.stderr.write("\n")
 
 
 HOW_TO_CALL = """
@@ -174,8 +169,7 @@ def _demo_first_answer(url: str, args: argparse.Namespace) -> None:
                 choice = json.loads(line[6:])["choices"]
                 if choice:
                     print(choice[0]["delta"].get("content") or "", end="", flush=True)
-    print("\n[the built-in model has random weights, so its words are random too]",
-          file=sys.stderr)
+    print(file=sys.stderr)
     print(HOW_TO_CALL.format(url=url, model=DEFAULT_MODEL), file=sys.stderr)
 
 
@@ -208,8 +202,7 @@ def _demo_aog(args: argparse.Namespace, store: ModelStore) -> int:
             if reader.error:
                 print(f"error {reader.error[0]}: {reader.error[1]}", file=sys.stderr)
                 return 1
-            print(f"[finish_reason: {finish}; the built-in model has random weights, so its "
-                  "words are random too]", file=sys.stderr)
+            print(f"[finish_reason: {finish}]", file=sys.stderr)
         finally:
             host.kill()
     return 0

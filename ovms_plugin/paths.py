@@ -53,3 +53,12 @@ def manifest_path() -> Path:
     to it). Found from the package's location, never from the working directory, because
     AOG starts the plugin in <plugin>/bin."""
     return PACKAGE_DIR / "plugin.yaml"
+
+
+def cache_dir() -> Path:
+    """Downloads and models made for the demo and the tests, outside the model store:
+    $XDG_CACHE_HOME/ovms-plugin (Windows: %LOCALAPPDATA%\\ovms-plugin\\cache)."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / PLUGIN_NAME / "cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / PLUGIN_NAME

@@ -6,7 +6,7 @@ Example settings.yaml:
     device: AUTO                 # default device for every model (AUTO: by service)
     max_waiting_requests: 64     # per model; beyond it requests get a "busy, retry" error
     models:
-      tiny-chat:
+      smollm2-135m-instruct:
         device: CPU
         properties: {INFERENCE_PRECISION_HINT: f32}    # passed to OpenVINO's compile
         scheduler: {cache_size: 1, max_num_seqs: 32}   # openvino_genai.SchedulerConfig fields

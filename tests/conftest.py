@@ -19,26 +19,28 @@ from ovms_plugin.aog.host import AogHost
 from ovms_plugin.store import pull
 from ovms_plugin.store.store import ModelStore
 
-CHAT = "tiny-chat"
+CHAT = "tiny-chat"  # random weights: for shapes a test needs (a tiny context, ...)
+REAL = "smollm2"  # the real SmolLM2-135M-Instruct, converted from its GGUF
 
 
 @pytest.fixture(scope="session")
 def test_models() -> dict[str, Path]:
     return devmodels.ensure_models(devmodels.default_cache_dir(),
-                                   [devmodels.TINY_CHAT, devmodels.TINY_CHAT_HF])
+                                   [devmodels.TINY_CHAT, devmodels.TINY_CHAT_HF,
+                                    devmodels.SMOLLM2_GGUF, devmodels.SMOLLM2])
 
 
 @pytest.fixture(scope="session")
 def plugin_home(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path]) -> Path:
-    """OVMS_PLUGIN_HOME with the tiny chat model installed and f32 inference for it (exact
-    comparisons with the engine run directly)."""
+    """OVMS_PLUGIN_HOME with the real SmolLM2 and the tiny chat model installed, and f32
+    inference for both (exact comparisons with the engine run directly)."""
     home = tmp_path_factory.mktemp("home")
-    (home / "settings.yaml").write_text(yaml.safe_dump({
-        "models": {CHAT: {"properties": {"INFERENCE_PRECISION_HINT": "f32"},
-                          "scheduler": {"cache_size": 1}}}}))
-    pull.pull(ModelStore(home / "models"),
-              pull.PullRequest(model=str(test_models[devmodels.TINY_CHAT]), name=CHAT),
-              lambda msg: None)
+    exact = {"properties": {"INFERENCE_PRECISION_HINT": "f32"}, "scheduler": {"cache_size": 1}}
+    (home / "settings.yaml").write_text(yaml.safe_dump({"models": {CHAT: exact, REAL: exact}}))
+    for name, model in ((CHAT, devmodels.TINY_CHAT), (REAL, devmodels.SMOLLM2)):
+        pull.pull(ModelStore(home / "models"),
+                  pull.PullRequest(model=str(test_models[model]), name=name),
+                  lambda msg: None)
     return home
 
 

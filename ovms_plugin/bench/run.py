@@ -250,7 +250,8 @@ def _plot(levels: list[dict[str, Any]], out: Path, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import openvino_genai as ov_genai
 
-    from ovms_plugin.cli import DEFAULT_MODEL, ensure_default_model
+    from ovms_plugin.builtin import DEFAULT_MODEL
+    from ovms_plugin.cli import ensure_default_model
     store = ModelStore(args.models_dir or paths.models_dir())
     model = args.model or DEFAULT_MODEL
     if args.model is None:

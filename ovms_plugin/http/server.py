@@ -70,7 +70,7 @@ def create_app(runtime: Runtime, state: ServerState) -> web.Application:
 
 def _default_models(store: ModelStore) -> list[str]:
     """The built-in default model, when it is installed (nothing is made or pulled here)."""
-    from ovms_plugin.cli import DEFAULT_MODEL
+    from ovms_plugin.builtin import DEFAULT_MODEL
     return [DEFAULT_MODEL] if store.find(DEFAULT_MODEL) is not None else []
 
 

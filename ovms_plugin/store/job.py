@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -37,6 +38,24 @@ def convert(src: str, dst: str, task: str, weight_format: str | None, library: s
     export_task = {"text-generation": "text-generation-with-past"}.get(task, task)
     export_to_ir(Path(src), Path(dst), task=export_task, weight_format=weight_format,
                  library=library, trust_remote_code=trust_remote_code)
+
+
+def convert_gguf(src: str, dst: str) -> None:
+    """Converts a GGUF file to OpenVINO IR in `dst` with openvino-genai's own GGUF reader
+    (no torch, no optimum-intel). The reader writes the IR and the tokenizer/detokenizer IR
+    next to the file it was given, so it is given a link to the file inside `dst`, removed
+    after. Weights keep their GGUF quantization (Q4_1 stays 4-bit)."""
+    import openvino_genai as ov_genai
+    link = Path(dst) / "model.gguf"
+    try:
+        os.link(src, link)  # same file system: no copy
+    except OSError:
+        link.symlink_to(Path(src).resolve())
+    try:
+        pipe = ov_genai.LLMPipeline(str(link), "CPU", enable_save_ov_model=True)
+        del pipe
+    finally:
+        link.unlink(missing_ok=True)
 
 
 def validate(folder: str, task: str, model_type: str | None) -> dict[str, Any]:
@@ -96,6 +115,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if c := spec.get("convert"):
         started = time.monotonic()
         convert(**c)
+        out["convert_seconds"] = round(time.monotonic() - started, 2)
+    if g := spec.get("convert_gguf"):
+        started = time.monotonic()
+        convert_gguf(**g)
         out["convert_seconds"] = round(time.monotonic() - started, 2)
     if v := spec.get("validate"):
         started = time.monotonic()

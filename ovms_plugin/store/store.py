@@ -158,8 +158,23 @@ class ModelEntry:
                 "families": [family] if family else [],
                 "parameter_size": m.get("parameter_size", ""),
                 "quantization_level": m.get("quantization_level", ""),
+                **({"context_length": ctx} if (ctx := self.context_length()) else {}),
             },
+            **({"source": _source_of(m)} if m.get("source") else {}),
         }
+
+
+def _source_of(manifest: dict[str, Any]) -> str:
+    """Where a model came from, for a person: hf:org/name@revision (file.gguf, sha256 ...),
+    or the name of a local file or folder (never the host path)."""
+    source = manifest["source"]
+    if not source.startswith(("hf:", "pypi:")):
+        source = f"local:{Path(source).name}"
+    if manifest.get("revision"):
+        source += f"@{manifest['revision'][:12]}"
+    if gguf := manifest.get("gguf"):
+        source += f" ({gguf['file']}, sha256 {gguf['sha256'][:12]})"
+    return source
 
 
 def describe_folder(folder: Path, hashes: dict[str, str] | None = None,
