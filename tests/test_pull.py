@@ -343,3 +343,29 @@ def test_every_service_converts_by_type(hub: HubServer, store: ModelStore, recip
     with pytest.raises(StoreError, match=f"model_type '{other}'"):
         do_pull(store, f"org/{recipe}", model_type=other, name="wrong")
     assert not any(p.endswith((".safetensors", ".bin")) for p in hub.bytes_sent)
+
+
+def test_ir_exports_in_subfolders_are_not_taken_for_the_model(store: ModelStore,
+                                                              tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """A sentence-transformers repo ships openvino/ and onnx/ exports of its own (the real
+    all-MiniLM-L6-v2 does): the repo is converted from its weights, and those folders are
+    not downloaded."""
+    from ovms_plugin import devmodels
+    src = devmodels.ensure_models(devmodels.default_cache_dir(),
+                                  [devmodels.TINY_EMBED_HF])[devmodels.TINY_EMBED_HF]
+    folder = tmp_path / "repo"
+    shutil.copytree(src, folder)
+    for sub, name in (("openvino", "openvino_model.xml"), ("openvino", "openvino_model.bin"),
+                      ("onnx", "model.onnx")):
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / name).write_bytes(b"\0" * 2_000_000)
+    with HubServer() as server:
+        server.add_repo("sentence-transformers/tiny-embed", folder)
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        _, entry = do_pull(store, "sentence-transformers/tiny-embed")
+        sent = server.bytes_sent
+    assert entry.task == "feature-extraction" and entry.manifest["weight_format"] == "fp16"
+    assert not any(p.startswith(("openvino/", "onnx/")) for p in sent)
+    assert not any(f["path"].startswith(("openvino/", "onnx/"))
+                   for f in entry.manifest["files"])

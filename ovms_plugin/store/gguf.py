@@ -35,7 +35,7 @@ class GgufError(StoreError):
 
 # --- what a header may claim ------------------------------------------------------------
 # Generous for real files (the biggest tokenizers hold ~260k tokens and ~500k merges),
-# small enough that a hostile header costs a few seconds and a few MB at most.
+# small enough that a hostile header costs seconds and tens of MB at most.
 MAX_KV = 65536
 MAX_TENSORS = 1_000_000
 MAX_STRING = 64 << 20           # bytes in one string value
@@ -45,11 +45,13 @@ MAX_DIMS = 4                    # ggml's GGML_MAX_DIMS
 MAX_ELEMENTS = 1 << 48          # elements in a tensor, and in the whole model
 MAX_KEY = 1024                  # bytes in a key (real keys are under 100)
 MAX_TENSOR_NAME = 1024          # bytes in a tensor name (ggml itself stops at 63)
-MAX_WALKED = 1 << 22            # array elements parsed one by one (strings, nested arrays)
+MAX_WALKED = 1 << 22            # strings in arrays, over the whole header
+MAX_NESTED = 1 << 16            # arrays in arrays, over the whole header
 KEEP_CHARS = 256                # metadata strings are cut to this many characters
 _KEEP_BYTES = 4 * KEEP_CHARS    # enough UTF-8 for KEEP_CHARS characters
 _CHUNK = 1 << 20
 _TRUNCATED = "the file ends inside its header (truncated download?)"
+_MAX_INFO = 8 + MAX_TENSOR_NAME + 4 + 8 * MAX_DIMS + 12  # the longest tensor info
 
 # GGUF value types: id -> name.
 _VALUE_TYPES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32",
@@ -67,7 +69,7 @@ _DIMS = [struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1)]
 # ggml tensor types (ggml/include/ggml.h, enum ggml_type): id -> (name, elements per block,
 # bytes per block). Sizes follow gguf-py's GGML_QUANT_SIZES; None where not pinned down
 # (the block check or the data-extent check is then skipped for that type). 31-33 are
-# ARM repacks of Q4_0 that old files still carry; 4, 5 and 36-38 were never in files.
+# ARM repacks of Q4_0 that old files still carry; 4, 5 and 36-38 are gone from ggml.
 _TENSOR_TYPES: dict[int, tuple[str, int | None, int | None]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, None),
@@ -144,7 +146,7 @@ class GgufInfo:
     def _arch(self, suffix: str) -> str:
         return f"{self.architecture}.{suffix}"
 
-    def vocab_size(self) -> int | None:
+    def _vocab_size(self) -> int | None:
         tokens = self.metadata.get("tokenizer.ggml.tokens")
         if isinstance(tokens, dict):
             return tokens["length"]
@@ -160,7 +162,7 @@ class GgufInfo:
             out["architectures"] = [_HF_ARCHITECTURES[arch]]
         values: dict[str, Any] = {
             "max_position_embeddings": self.context_length,
-            "vocab_size": self.vocab_size(),
+            "vocab_size": self._vocab_size(),
             "bos_token_id": self._int("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self._int("tokenizer.ggml.eos_token_id"),
         }
@@ -197,80 +199,107 @@ class _Reader:
 
     def __init__(self, f: BinaryIO, size: int) -> None:
         self._f, self.size = f, size
-        self._buf, self._at, self._base = b"", 0, 0  # _buf holds file bytes from _base
+        self.buf, self.at, self._base = b"", 0, 0  # buf holds file bytes from _base
 
     def tell(self) -> int:
-        return self._base + self._at
+        return self._base + self.at
 
     def left(self) -> int:
         return self.size - self.tell()
 
-    def _need(self, n: int) -> None:
-        avail = len(self._buf) - self._at
+    def need(self, n: int) -> None:
+        avail = len(self.buf) - self.at
         if avail >= n:
             return
         if n > self.left():
             raise _Truncated
         chunk = self._f.read(min(max(n - avail, _CHUNK), self.left() - avail))
-        self._buf, self._base, self._at = self._buf[self._at:] + chunk, self.tell(), 0
-        if len(self._buf) < n:  # the file shrank while being read
+        self.buf, self._base, self.at = self.buf[self.at:] + chunk, self.tell(), 0
+        if len(self.buf) < n:  # the file shrank while being read
             raise _Truncated
 
     def unpack(self, s: struct.Struct) -> tuple[Any, ...]:
-        self._need(s.size)
-        v = s.unpack_from(self._buf, self._at)
-        self._at += s.size
+        self.need(s.size)
+        v = s.unpack_from(self.buf, self.at)
+        self.at += s.size
         return v
 
-    def u64(self) -> int:
-        return self.unpack(_U64)[0]
-
     def take(self, n: int) -> bytes:
-        self._need(n)
-        b = self._buf[self._at:self._at + n]
-        self._at += n
+        self.need(n)
+        b = self.buf[self.at:self.at + n]
+        self.at += n
         return b
 
     def skip(self, n: int) -> None:
         if n > self.left():
             raise _Truncated
-        if n <= len(self._buf) - self._at:
-            self._at += n
+        if n <= len(self.buf) - self.at:
+            self.at += n
             return
         pos = self.tell() + n
         self._f.seek(pos)
-        self._buf, self._base, self._at = b"", pos, 0
+        self.buf, self._base, self.at = b"", pos, 0
+
+    def skip_strings(self, n: int, limit: int) -> int:
+        """Skips n length-prefixed strings; -1, or the first length over `limit`."""
+        unpack_from = _U64.unpack_from
+        while n:
+            buf, at, end = self.buf, self.at, len(self.buf)
+            while n and at + 8 <= end:  # the strings wholly in the buffer, in a tight loop
+                (length,) = unpack_from(buf, at)
+                if length > limit or at + 8 + length > end:
+                    break
+                at += 8 + length
+                n -= 1
+            self.at = at
+            if n:  # one string crossing the end of the buffer (or too long)
+                (length,) = self.unpack(_U64)
+                if length > limit:
+                    return length
+                self.skip(length)
+                n -= 1
+        return -1
 
 
 class _Parser:
     def __init__(self, r: _Reader, path: Path) -> None:
         self.r, self.path = r, path
-        self.where = "the magic number"
-        self.walked = 0
+        # What is being read, for messages: (what, index from 1 or 0, raw name).
+        self.ctx: tuple[str, int, bytes] = ("the magic number", 0, b"")
+        self.walked = self.nested = 0
+
+    @property
+    def where(self) -> str:
+        what, i, name = self.ctx
+        if not i:
+            return what
+        if not name:
+            return f"{what} #{i}"
+        return f"{what} #{i} ({name.decode('utf-8', 'replace')[:KEEP_CHARS]!r})"
 
     def fail(self, what: str) -> GgufError:
         return GgufError(f"{self.path}: {what}")
 
-    def string(self, limit: int, what: str) -> tuple[bytes, int]:
-        """(up to _KEEP_BYTES of the string, its length); the rest is skipped."""
-        n = self.r.u64()
+    def string(self, limit: int, label: str = "") -> bytes:
+        """The string's first _KEEP_BYTES (keys and names, no longer, are whole)."""
+        n = self.r.unpack(_U64)[0]
         if n > limit:
-            raise self.fail(f"{what} claims a string of {n} bytes; at most {limit} are "
-                            "accepted (corrupt file?)")
+            raise self.fail(f"{label}{self.where} claims a string of {n} bytes; at most "
+                            f"{limit} are accepted (corrupt file?)")
+        if n <= _KEEP_BYTES:
+            return self.r.take(n)
         if n > self.r.left():
             raise _Truncated
-        head = self.r.take(min(n, _KEEP_BYTES))  # keys and names are never cut: their
-        # limits are no more than _KEEP_BYTES
-        self.r.skip(n - len(head))
-        return head, n
+        head = self.r.take(_KEEP_BYTES)
+        self.r.skip(n - _KEEP_BYTES)
+        return head
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             (v,) = self.r.unpack(_SCALARS[vtype])
             return bool(v) if vtype == _BOOL else v
         if vtype == _STRING:
-            head, _ = self.string(MAX_STRING, self.where)
-            return head.decode("utf-8", "replace")[:KEEP_CHARS]
+            return self.string(MAX_STRING).decode("utf-8", "replace")[:KEEP_CHARS]
         if vtype == _ARRAY:
             return self.array(1)
         raise self.fail(f"{self.where} has unknown value type {vtype} (GGUF value types are "
@@ -294,22 +323,22 @@ class _Parser:
                             "bytes left can hold")
         if etype in _SCALARS:
             self.r.skip(n * size)
-        else:
+        elif etype == _STRING:
             self.walked += n
             if self.walked > MAX_WALKED:
-                raise self.fail(f"the header holds more than {MAX_WALKED} strings or arrays "
-                                "inside arrays (corrupt file?)")
-            if etype == _STRING:
-                r, u64 = self.r, _U64
-                for _ in range(n):
-                    (length,) = r.unpack(u64)
-                    if length > MAX_STRING:
-                        raise self.fail(f"{self.where} holds a string of {length} bytes; at "
-                                        f"most {MAX_STRING} are accepted (corrupt file?)")
-                    r.skip(length)
-            else:
-                for _ in range(n):
-                    self.array(depth + 1)
+                raise self.fail(f"the header holds more than {MAX_WALKED} strings in arrays "
+                                "(corrupt file?)")
+            length = self.r.skip_strings(n, MAX_STRING)
+            if length >= 0:
+                raise self.fail(f"{self.where} holds a string of {length} bytes; at most "
+                                f"{MAX_STRING} are accepted (corrupt file?)")
+        else:
+            self.nested += n
+            if self.nested > MAX_NESTED:
+                raise self.fail(f"the header holds more than {MAX_NESTED} arrays in arrays "
+                                "(corrupt file?)")
+            for _ in range(n):
+                self.array(depth + 1)
         return {"array": _VALUE_TYPES[etype], "length": n}
 
     def parse(self) -> GgufInfo:
@@ -317,7 +346,7 @@ class _Parser:
         head = r.take(min(4, r.size))
         if head != b"GGUF":
             raise GgufError(_not_gguf(path, head))
-        self.where = "the version"
+        self.ctx = ("the version", 0, b"")
         (version,) = r.unpack(_U32)
         if version not in (2, 3):
             swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
@@ -330,8 +359,8 @@ class _Parser:
                                 "supported; versions 2 and 3 are: get a current file of the "
                                 "model")
             raise self.fail(f"GGUF version {version} is not supported (versions 2 and 3 are)")
-        self.where = "the tensor and key/value counts"
-        n_tensors, n_kv = r.u64(), r.u64()
+        self.ctx = ("the tensor and key/value counts", 0, b"")
+        n_tensors, n_kv = r.unpack(_U64)[0], r.unpack(_U64)[0]
         if n_kv > MAX_KV:
             raise self.fail(f"the header claims {n_kv} key/value pairs; at most {MAX_KV} are "
                             "accepted (corrupt file?)")
@@ -344,64 +373,85 @@ class _Parser:
                             f"{n_tensors} tensors, more than its {r.size} bytes can hold")
 
         metadata: dict[str, Any] = {}
-        for i in range(n_kv):
-            self.where = f"key/value #{i + 1}"
-            raw, _ = self.string(MAX_KEY, f"the key of {self.where}")
-            key = raw.decode("utf-8", "replace")
-            if not key:
+        for i in range(1, n_kv + 1):
+            self.ctx = ("key/value", i, b"")
+            raw = self.string(MAX_KEY, "the key of ")
+            if not raw:
                 raise self.fail(f"{self.where} has an empty key")
-            self.where = f"key/value #{i + 1} ({key[:KEEP_CHARS]!r})"
+            self.ctx = ("key/value", i, raw)
+            key = raw.decode("utf-8", "replace")
             if key in metadata:
                 raise self.fail(f"{self.where} repeats a key; each key may appear once")
             (vtype,) = r.unpack(_U32)
             metadata[key] = self.value(vtype)
 
-        tensor_types: dict[str, int] = {}
-        total, data_end, last = 0, 0, ""
-        for i in range(n_tensors):
-            self.where = f"tensor #{i + 1}"
-            raw, _ = self.string(MAX_TENSOR_NAME, f"the name of {self.where}")
-            name = raw.decode("utf-8", "replace")
-            self.where = f"tensor #{i + 1} ({name[:KEEP_CHARS]!r})"
-            (n_dims,) = r.unpack(_U32)
+        counts: dict[int, int] = {}
+        total = data_end = 0
+        last = self.ctx
+        types, dim_structs = _TENSOR_TYPES, _DIMS
+        u64, u32, type_offset = _U64.unpack_from, _U32.unpack_from, _TYPE_OFFSET.unpack_from
+        for i in range(1, n_tensors + 1):
+            # Straight from the buffer, which holds a whole tensor info or the rest of the
+            # file: a million tensors take seconds, not minutes.
+            self.ctx = ("tensor", i, b"")
+            r.need(min(_MAX_INFO, r.left()))
+            buf, at, end = r.buf, r.at, len(r.buf)
+            if at + 8 > end:
+                raise _Truncated
+            (n,) = u64(buf, at)
+            if n > MAX_TENSOR_NAME:
+                raise self.fail(f"the name of {self.where} claims a string of {n} bytes; at "
+                                f"most {MAX_TENSOR_NAME} are accepted (corrupt file?)")
+            at += 8 + n
+            if at + 4 > end:
+                raise _Truncated
+            self.ctx = ("tensor", i, buf[at - n:at])
+            (n_dims,) = u32(buf, at)
             if n_dims > MAX_DIMS:
                 raise self.fail(f"{self.where} has {n_dims} dimensions; GGUF tensors have at "
                                 f"most {MAX_DIMS}")
-            dims = r.unpack(_DIMS[n_dims])
-            if any(d == 0 for d in dims):
+            if at + 4 + 8 * n_dims + 12 > end:
+                raise _Truncated
+            dims = dim_structs[n_dims].unpack_from(buf, at + 4)
+            at += 4 + 8 * n_dims
+            ttype, offset = type_offset(buf, at)
+            r.at = at + 12
+            if 0 in dims:
                 raise self.fail(f"{self.where} has a zero dimension {list(dims)}; dimensions "
                                 "must be positive")
             count = math.prod(dims)
             if count >= MAX_ELEMENTS:
                 raise self.fail(f"{self.where} claims {count} elements {list(dims)}; at most "
                                 f"2^48 are accepted (corrupt file?)")
-            ttype, offset = r.unpack(_TYPE_OFFSET)
-            if ttype not in _TENSOR_TYPES:
+            spec = types.get(ttype)
+            if spec is None:
                 raise self.fail(f"{self.where} has unknown tensor type id {ttype} (type id "
                                 f"{ttype} is not a ggml type this reader knows; it may need a "
                                 "newer llama.cpp, and openvino-genai cannot load it)")
-            tname, block, block_bytes = _TENSOR_TYPES[ttype]
-            if block and dims and dims[0] % block:
+            tname, block, block_bytes = spec
+            if block and n_dims and dims[0] % block:
                 raise self.fail(f"{self.where} is {tname} with a first dimension of {dims[0]}"
                                 f", not a multiple of its block of {block} (corrupt file?)")
-            tensor_types[tname] = tensor_types.get(tname, 0) + count
+            counts[ttype] = counts.get(ttype, 0) + count
             total += count
-            end = offset + (count // block * block_bytes if block and block_bytes else 0)
+            end = offset + count // block * block_bytes if block and block_bytes else offset
             if end >= data_end:
-                data_end, last = end, self.where
+                data_end, last = end, self.ctx
         if total >= MAX_ELEMENTS:
             raise self.fail(f"the tensors claim {total} elements in all (corrupt file?)")
 
-        self.where = "the end of the header"
+        self.ctx = ("the end of the header", 0, b"")
         alignment = metadata.get("general.alignment", 32)
         if not (isinstance(alignment, int) and not isinstance(alignment, bool)
                 and 0 < alignment <= 1 << 30 and alignment & (alignment - 1) == 0):
             raise self.fail(f"general.alignment is {alignment!r}; it must be a power of two")
         data_start = -(-r.tell() // alignment) * alignment
         if n_tensors and data_start + data_end > r.size:
+            self.ctx = last
             raise self.fail(f"the file is {r.size} bytes but its tensor data needs "
-                            f"{data_start + data_end} ({last} ends past the end of the file; "
-                            "truncated download?)")
+                            f"{data_start + data_end} ({self.where} ends past the end of the "
+                            "file; truncated download?)")
+        tensor_types = {types[t][0]: c for t, c in counts.items()}
         return _info(version, metadata, tensor_types, total, self.fail)
 
 
@@ -431,7 +481,8 @@ def _info(version: int, metadata: dict[str, Any], tensor_types: dict[str, int], 
 
     arch = text("general.architecture")
     ftype = metadata.get("general.file_type")
-    file_type = _FILE_TYPES.get(ftype, "") if isinstance(ftype, int) else ""
+    known = isinstance(ftype, int) and not isinstance(ftype, bool)
+    file_type = _FILE_TYPES.get(ftype, "") if known else ""
     if not file_type and tensor_types:  # the type holding the most elements
         file_type = max(sorted(tensor_types.items()), key=lambda kv: kv[1])[0]
     ctx = metadata.get(f"{arch}.context_length") if arch else None

