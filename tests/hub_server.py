@@ -320,14 +320,17 @@ class HubServer:
     # -- content ------------------------------------------------------------------------------
 
     def add_repo(self, repo_id: str, folder: Path, revision_sha: str | None = None,
-                 gated: bool = False, *, branch: str = "main") -> str:
+                 gated: bool = False, *, branch: str = "main",
+                 extra_files: dict[str, bytes] | None = None) -> str:
         """Publish every file below `folder` as a commit of `repo_id`, pointed to by `branch`.
-        Returns the commit sha (sha1 of the sorted paths and sha256s unless given)."""
+        Returns the commit sha (sha1 of the sorted paths and sha256s unless given).
+        `extra_files` adds files by name as given, names no folder can hold included (a
+        hostile mirror's `x/../../outside.txt`)."""
         folder = Path(folder)
         files: dict[str, HubFile] = {}
-        for item in sorted(p for p in folder.rglob("*") if p.is_file()):
-            data = item.read_bytes()
-            rel = item.relative_to(folder).as_posix()
+        items = [(p.relative_to(folder).as_posix(), p.read_bytes())
+                 for p in sorted(folder.rglob("*")) if p.is_file()]
+        for rel, data in [*items, *(extra_files or {}).items()]:
             files[rel] = HubFile(rel, data, hashlib.sha256(data).hexdigest(),
                                  len(data) >= self.lfs_threshold)
         if revision_sha is None:

@@ -369,3 +369,24 @@ def test_ir_exports_in_subfolders_are_not_taken_for_the_model(store: ModelStore,
     assert not any(p.startswith(("openvino/", "onnx/")) for p in sent)
     assert not any(f["path"].startswith(("openvino/", "onnx/"))
                    for f in entry.manifest["files"])
+
+
+@pytest.mark.parametrize("bad", [
+    "x/../../../../outside/pwned.txt", "../pwned.txt", "/etc/pwned.txt", "C:/pwned.txt",
+    "c:pwned.txt", "a\\..\\..\\pwned.txt", "a//b.txt", "./a.txt", "a/./b.txt", "a/..",
+    "a\x00b.txt", "line\nbreak.txt", "x" * 300,
+])
+def test_a_hostile_file_list_is_refused_before_anything_is_written(
+        store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        test_models: dict[str, Path], bad: str):
+    """A mirror (HF_ENDPOINT) whose listing names a file outside the download folder gets
+    the whole repo refused: nothing downloaded, nothing written anywhere."""
+    with HubServer() as server:
+        server.add_repo("evil/chat-ov", test_models["tiny-chat"],
+                        extra_files={bad: b"pwned"})
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        with pytest.raises(StoreError, match="not a plain relative path"):
+            do_pull(store, "evil/chat-ov")
+        assert sum(server.bytes_sent.values()) == 0
+    assert not list(tmp_path.rglob("pwned*"))
+    assert_clean(store)

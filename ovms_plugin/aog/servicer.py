@@ -7,7 +7,6 @@ AOG expects. JSON goes in and out of the bytes fields.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -34,10 +33,7 @@ def _json(data: Any) -> bytes:
 
 
 def _body(raw: bytes, what: str) -> Any:
-    try:
-        return json.loads(raw or b"{}")
-    except ValueError as e:
-        raise ServiceError(f"{what} is not valid JSON: {e}", errors.INVALID_REQUEST) from None
+    return errors.parse_json(raw or b"{}", what)
 
 
 def sse(data: Any) -> bytes:
@@ -54,7 +50,7 @@ def _fail(e: Exception) -> tuple[int, str]:
     if isinstance(e, ServiceError):
         return e.code, e.message
     log.exception("internal error")
-    return errors.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+    return errors.INTERNAL, errors.public(f"internal error: {type(e).__name__}: {e}")
 
 
 class ProviderServicer(pb_grpc.ProviderServiceServicer):
@@ -201,10 +197,11 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
                 req = pull_mod.PullRequest.from_json(_body(raw, "request_json"))
                 pull_mod.pull(self.rt.store, req, progress, cancel)
             except (StoreError, ServiceError) as e:
-                progress({"error": str(e)})
+                log.info("pull failed: %s", e)
+                progress({"error": errors.public(str(e))})
             except Exception as e:
                 log.exception("pull failed")
-                progress({"error": f"pull failed: {type(e).__name__}: {e}"})
+                progress({"error": errors.public(f"pull failed: {type(e).__name__}: {e}")})
             loop.call_soon_threadsafe(q.put_nowait, None)
 
         task = loop.run_in_executor(None, run)

@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import threading
-import traceback
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = make_engine(args.kind, args.model_dir, json.loads(args.config))
     except Exception as e:
-        log.error("loading %s failed:\n%s", args.model_dir, traceback.format_exc())
+        log.exception("loading %s failed", args.model_dir)
         send(("fatal", f"{type(e).__name__}: {e}"))
         return 1
     send(("ready", engine.info()))

@@ -3,7 +3,6 @@ events out, and errors in OpenAI's shape `{"error": {"message", "type", "param",
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -59,7 +58,8 @@ def _dumps(data: Any) -> str:
 def error_body(status: int, message: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     etype = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    return {"error": {"message": errors.public(message), "type": etype, "param": param,
+                      "code": code}}
 
 
 def error_response(status: int, message: str, *, param: str | None = None,
@@ -100,10 +100,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         raise invalid("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise invalid(f"the request body is not valid JSON: {e}") from None
+    body = errors.parse_json(raw)
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     if isinstance(body.get("model"), str):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 # AOG SDK result codes (contract §3).
 OK = 0
 INVALID_ARGUMENT = 2
@@ -22,6 +26,22 @@ _HTTP = {INVALID_ARGUMENT: 400, INVALID_REQUEST: 400, NOT_FOUND: 404, MODEL_NOT_
          TIMEOUT: 504, UNAVAILABLE: 503, LOAD_FAILED: 500, PULL_FAILED: 500, INTERNAL: 500}
 
 
+# OpenVINO prefixes its errors with the C++ source it threw from ("Exception from
+# src/inference/src/cpp/core.cpp:84:"), and asserts with "Check '...' failed at file:line:".
+_OV_ORIGIN = re.compile(r"(Exception from|Check '[^'\n]*' failed at) [^\s:]+:\d+:?\s*")
+# An absolute path (POSIX, or a Windows drive): kept as its last component only.
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:[\\/]|/)(?:[^\s'\"():,;/\\]+[\\/])+"
+                       r"([^\s'\"():,;/\\]*)")
+
+
+def public(text: str) -> str:
+    """A message fit for a client: OpenVINO's C++ source locations dropped, and absolute
+    host paths cut to their last component (the log keeps the full text)."""
+    text = _OV_ORIGIN.sub("", text)
+    text = _ABS_PATH.sub(lambda m: m.group(1) or "(a folder)", text)
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
 class ServiceError(Exception):
     """A request could not be served; the message says what was wrong and what is right."""
 
@@ -36,7 +56,8 @@ class ServiceError(Exception):
 
     @property
     def message(self) -> str:
-        return str(self)
+        """What the client is told: no host paths, no C++ source locations."""
+        return public(str(self))
 
     @property
     def http_status(self) -> int:
@@ -73,3 +94,41 @@ def require_model(body: object) -> str:
     if not isinstance(model, str) or not model:
         raise invalid("'model' is required: the name of an installed model", "model")
     return model
+
+
+# JSON bodies from outside: how deep they may nest, and text they may not hold.
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
+    """A JSON body from outside, refused (invalid request) when it is not JSON, nests deeper
+    than MAX_DEPTH, or holds text that is not valid Unicode: JSON's \\udXXX escapes can
+    carry lone surrogates, which no tokenizer or encoder accepts, and which would otherwise
+    fail deep inside an engine."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise invalid(f"{what} nests too deeply (at most {MAX_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"{what} is not valid JSON: {e}") from None
+    _check_value(body, 0, what)
+    return body
+
+
+def _check_value(value: Any, depth: int, where: str) -> None:
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise invalid(f"{where} holds a lone surrogate (a \\ud800-\\udfff escape that is "
+                          "not half of a pair), which is not valid Unicode text; send UTF-8 "
+                          "text or escape pairs")
+    elif isinstance(value, dict | list):
+        if depth >= MAX_DEPTH:
+            raise invalid(f"the request body nests too deeply (at most {MAX_DEPTH} levels)")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            label = f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]"
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise invalid(f"a key in {where} holds a lone surrogate, which is not valid "
+                              "Unicode text")
+            _check_value(item, depth + 1, label)

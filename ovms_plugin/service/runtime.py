@@ -19,7 +19,13 @@ from ovms_plugin.service import detok, embed, errors
 from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
-from ovms_plugin.store.store import ModelEntry, ModelNotFound, ModelStore, StoreError
+from ovms_plugin.store.store import (
+    ModelEntry,
+    ModelNotFound,
+    ModelStore,
+    StoreError,
+    check_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,12 @@ class Runtime:
     # --- lifecycle ----------------------------------------------------------------------
 
     def entry(self, name: str) -> ModelEntry:
+        """The installed model of that name; a name that could not be one is refused
+        before anything is looked up or kept for it."""
+        try:
+            check_name(name)
+        except StoreError as e:
+            raise ServiceError(str(e), errors.MODEL_NOT_FOUND, "model") from None
         try:
             return self.store.get(name)
         except ModelNotFound as e:
@@ -61,6 +73,7 @@ class Runtime:
         if lm is not None and lm.client.alive:
             lm.last_used = time.monotonic()
             return lm
+        self.entry(name)  # only installed models get a lock: unknown names keep nothing
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             lm = self.models.get(name)

@@ -13,6 +13,8 @@ import errno
 import hashlib
 import logging
 import os
+import posixpath
+import re
 import shutil
 import threading
 import time
@@ -94,9 +96,31 @@ def repo_info(repo_id: str, revision: str) -> RemoteRepo:
     files = []
     for s in info.siblings or []:
         lfs = s.lfs
-        files.append(RemoteFile(path=s.rfilename, size=int(s.size or (lfs.size if lfs else 0)),
+        files.append(RemoteFile(path=check_remote_path(s.rfilename, repo_id),
+                                size=int(s.size or (lfs.size if lfs else 0)),
                                 sha256=lfs.sha256 if lfs else None, blob_id=s.blob_id))
     return RemoteRepo(repo_id, revision, info.sha or revision, files)
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_MAX_PATH = 1024
+
+
+def check_remote_path(path: object, repo_id: str) -> str:
+    """A file name from the Hub's (or a mirror's) listing, made sure to stay inside the
+    folder it is downloaded to: relative, '/'-separated, already normalised, no '..' or '.'
+    segments, no drive letter, backslash or control character. A repo that lists anything
+    else is refused as a whole, before anything is written."""
+    ok = isinstance(path, str) and 0 < len(path) <= _MAX_PATH and not path.startswith("/") \
+        and not _DRIVE.match(path) and "\\" not in path \
+        and not any(ord(c) < 32 or ord(c) == 127 for c in path) \
+        and all(seg not in ("", ".", "..") and len(seg) <= 255 for seg in path.split("/")) \
+        and posixpath.normpath(path) == path
+    if not ok:
+        raise StoreError(f"{repo_id} lists a file name that is not a plain relative path "
+                         f"({str(path)[:200]!r}); refusing the whole repo. Check the Hub or "
+                         "mirror set in HF_ENDPOINT")
+    return path
 
 
 def git_blob_sha1(path: Path) -> str:

@@ -398,7 +398,10 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None,
 
 def _download(repo: hub.RemoteRepo, files: list[hub.RemoteFile], downloads: Path,
               progress: Progress, cancel: threading.Event) -> None:
-    for rf in files:
+    root = downloads.resolve()
+    for rf in files:  # names were checked by hub.repo_info; this is the last line of defence
+        if not (root / rf.path).resolve().is_relative_to(root):
+            raise StoreError(f"refusing to write {rf.path!r} outside the download folder")
         digest = f"sha256:{rf.sha256}" if rf.sha256 else f"git:{rf.blob_id or rf.path}"
 
         def report(done: int, rf: hub.RemoteFile = rf, digest: str = digest) -> None:

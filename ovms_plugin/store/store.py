@@ -46,11 +46,18 @@ class ModelNotFound(StoreError):
     pass
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """repr() of something from outside, cut to `limit` characters for messages and logs."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
         raise StoreError(
-            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', optionally "
-            "one 'org/' prefix (like a Hugging Face id); no '..', no absolute paths")
+            f"invalid model name {shown(name)}: use letters, digits, '.', '_' and '-', "
+            "optionally one 'org/' prefix (like a Hugging Face id), up to 128 characters "
+            "each; no '..', no absolute paths")
     return name
 
 
@@ -269,8 +276,8 @@ class ModelStore:
         if (entry := self.find(name)) is not None:
             return entry
         available = ", ".join(e.name for e in self.list()) or "none installed"
-        raise ModelNotFound(f"model {name!r} is not in the model store ({self.root}); "
-                            f"available: {available}. Pull it first (PullModel or "
+        raise ModelNotFound(f"model {name!r} is not in the model store; available: "
+                            f"{available}. Pull it first (PullModel or "
                             f"'python -m ovms_plugin pull {name}').")
 
     def staging_dir(self) -> Path:
