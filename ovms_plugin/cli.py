@@ -100,11 +100,11 @@ def cmd_install_aog(args: argparse.Namespace) -> int:
 
 def ensure_default_model(store: ModelStore) -> None:
     """Installs the built-in default model (SmolLM2-135M-Instruct, from its GGUF) once."""
-    from ovms_plugin import builtin
+    from ovms_plugin.store import pull
     if store.find(DEFAULT_MODEL) is None:
         bar = ProgressBar()
         try:
-            builtin.ensure_default_model(store, progress=bar)
+            pull.ensure_default_model(store, progress=bar)
         finally:
             sys.stderr.write("\n")
 
@@ -231,6 +231,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ovms_plugin.bench.run import run
+    if args.model is None:  # the bench's default model; installed here to show progress
+        ensure_default_model(_store(args))
     return run(args)
 
 

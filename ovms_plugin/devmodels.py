@@ -1,4 +1,8 @@
-"""Tiny test models built offline, deterministically, and cached on disk.
+"""The demo/test model maker: tiny test models built offline, deterministically, and cached
+on disk. NOT RUNTIME CODE: the plugin, the server and the CLI never import it; the test suite,
+the benchmarks under benchmarks/ and developers do (it ships in the package only so that
+``python -m ovms_plugin.devmodels`` works from an installed copy). Keep it that way:
+tests/test_imports.py fails if a runtime module imports it.
 
 Usage: ``python -m ovms_plugin.devmodels [--cache DIR] NAME...`` prints one path per name.
 
@@ -10,8 +14,6 @@ optimum-intel); they are imported inside the functions so this module imports wi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -21,10 +23,12 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ovms_plugin.osutil import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -588,22 +592,11 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "ovms-plugin" / "test-models"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock; released by the kernel even if the process dies."""
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _ensure_one(cache_dir: Path, name: str, recipe: Recipe) -> Path:
     final = cache_dir / f"{name}-v{recipe.version}"
     if final.is_dir():
         return final  # only complete builds ever get this name
-    with _locked(cache_dir / f".{final.name}.lock"):
+    with file_lock(cache_dir / f".{final.name}.lock"):
         if final.is_dir():
             return final  # another process built it while we waited
         # Under the lock, leftovers of a killed build are stale.

@@ -4,21 +4,16 @@ plugin's pipes."""
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import threading
 
-_PR_SET_PDEATHSIG = 1
+from ovms_plugin.osutil import set_parent_death_signal
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Linux parent-death signal, plus an exit if the parent is already gone."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the caller's other watch (socket or stdin EOF) still ends us
+    """Linux parent-death signal, plus an exit if the parent is already gone. Elsewhere the
+    caller's other watch (socket or stdin EOF) still ends us."""
+    set_parent_death_signal()
     if os.getppid() != parent_pid:
         os._exit(1)
 

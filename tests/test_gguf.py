@@ -235,7 +235,7 @@ def test_many_token_strings_read_fast(tmp_path: Path):
                   kv("tokenizer.ggml.merges", ARR, arr(STR, tokens))])
     start = time.perf_counter()
     info = read(tmp_path, data)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 2.0  # ~0.2 s: buffered, no per-string reads
     assert info.metadata["tokenizer.ggml.tokens"]["length"] == 100_000
 
 

@@ -251,10 +251,10 @@ def run(args: argparse.Namespace) -> int:
     import openvino_genai as ov_genai
 
     from ovms_plugin.builtin import DEFAULT_MODEL
-    from ovms_plugin.cli import ensure_default_model
+    from ovms_plugin.store.pull import ensure_default_model
     store = ModelStore(args.models_dir or paths.models_dir())
     model = args.model or DEFAULT_MODEL
-    if args.model is None:
+    if args.model is None:  # the CLI installed it already, with a progress bar
         ensure_default_model(store)
     entry = store.get(model)
     service = args.service or (entry.services or ("chat",))[0]

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from ovms_plugin.logs import setup_logging
+from ovms_plugin.osutil import peak_rss_bytes
 from ovms_plugin.procs import exit_on_stdin_eof
 
 log = logging.getLogger("ovms_plugin.job")
@@ -137,10 +136,11 @@ def main() -> int:
     except ValidationError as e:
         result = {"ok": False, "error": f"validation failed: {e}"}
     except Exception as e:
-        log.error("job failed:\n%s", traceback.format_exc())
+        log.exception("job failed")
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     result["seconds"] = round(time.monotonic() - started, 2)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if (peak := peak_rss_bytes()) is not None:  # None: not readable on this OS
+        result["peak_rss_bytes"] = peak
     sys.stdout.write("\n" + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0 if result["ok"] else 1

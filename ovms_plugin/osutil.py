@@ -1,0 +1,97 @@
+"""The one place that knows the operating system: what differs between POSIX and Windows.
+
+Importing this module imports nothing POSIX-only (no fcntl, resource, termios, pwd, grp); each
+function imports what its platform needs when it is called, so the package imports on Windows.
+(Named osutil, not platform, so that running a file of this folder as a script cannot shadow
+the standard library's `platform`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Holds an exclusive lock on the file `path` (created if missing; left in place on POSIX)
+    for the `with` block, waiting as long as it takes for it. Serializes processes and the
+    threads of one process alike: each call takes a lock of its own, so a `with` on a path
+    another thread holds waits for it. Not reentrant: nesting two on one path in one thread
+    is a bug (filelock raises RuntimeError rather than deadlock). The operating system drops
+    the lock when its holder dies. Through `filelock`: flock(2) on POSIX (what this package
+    used before), msvcrt.locking on Windows."""
+    from filelock import FileLock  # imports fcntl on POSIX: only here, when a lock is taken
+
+    # A fresh object per call: a FileLock object shared by callers is reentrant in a thread.
+    with FileLock(os.fspath(path), timeout=-1):
+        yield
+
+
+def peak_rss_bytes() -> int | None:
+    """The most physical memory this process has held so far, in bytes; None where it cannot
+    be read."""
+    if sys.platform == "win32":
+        return _peak_rss_windows()
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes there, KiB here
+
+
+def _peak_rss_windows() -> int | None:  # pragma: no cover (Windows)
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        with contextlib.suppress(Exception):
+            return int(psutil.Process().memory_info().peak_wset)
+    import ctypes
+    from ctypes import wintypes
+
+    class ProcessMemoryCounters(ctypes.Structure):
+        _fields_ = (("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    ("PeakWorkingSetSize", ctypes.c_size_t),
+                    ("WorkingSetSize", ctypes.c_size_t),
+                    ("QuotaPeakPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                    ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t))
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+        get_info = kernel32.K32GetProcessMemoryInfo  # Windows 7 and later
+        get_info.argtypes = (wintypes.HANDLE, ctypes.POINTER(ProcessMemoryCounters),
+                             wintypes.DWORD)
+        get_info.restype = wintypes.BOOL
+        counters = ProcessMemoryCounters()
+        counters.cb = ctypes.sizeof(counters)
+        if not get_info(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            return None
+        return int(counters.PeakWorkingSetSize)
+    except (OSError, AttributeError):
+        return None
+
+
+def set_parent_death_signal() -> bool:
+    """Linux: asks the kernel to SIGKILL this process when the thread that started it ends
+    (prctl PR_SET_PDEATHSIG). False where there is no such thing (then the caller needs its
+    other watch: a socket or stdin reaching EOF)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+    except (OSError, AttributeError):
+        return False
