@@ -258,7 +258,7 @@ class HubServer:
         self._repos: dict[str, _Repo] = {}
         self._cdn: dict[str, tuple[str, str, str]] = {}
         self._faults: dict[str, dict[str, list[_Fault]]] = {
-            "drop": {}, "corrupt": {}, "throttle": {}, "fail": {}}
+            "drop": {}, "corrupt": {}, "throttle": {}, "fail": {}, "fail_api": {}}
         self._log_records: list[RequestRecord] = []
         self._bytes_sent: dict[str, int] = {}
         self._connections: set[socket.socket] = set()
@@ -386,6 +386,12 @@ class HubServer:
         with a JSON error body and no X-Error-Code."""
         self._arm("fail", path, _Fault(times, repo_id, status, method))
 
+    def fail_api(self, status: int, times: int = 1, *, retry_after: int | None = None,
+                 repo_id: str | None = None) -> None:
+        """The next `times` API requests (/api/models/...) get `status`, with a Retry-After
+        header when given (a rate limit or an overloaded Hub)."""
+        self._arm("fail_api", "", _Fault(times, repo_id, (status, retry_after)))
+
     def clear_faults(self) -> None:
         with self._lock:
             for armed in self._faults.values():
@@ -467,6 +473,11 @@ class HubServer:
         with self._lock:
             if repo_id not in self._repos and rest[0] in self._repos:
                 repo_id, tail = rest[0], rest[1:]
+        failure = self._take("fail_api", repo_id, "", method)
+        if failure is not None:
+            status, wait = failure.value
+            raise _HttpError(status, None, f"Injected API failure ({status})",
+                             {"Retry-After": str(wait)} if wait is not None else None)
         repo = self._repo(repo_id)
         if method in ("GET", "HEAD") and (not tail or (tail[0] == "revision" and len(tail) > 1)):
             sha, files = self._commit(repo, "/".join(tail[1:]) or "main")

@@ -390,3 +390,60 @@ def test_a_hostile_file_list_is_refused_before_anything_is_written(
         assert sum(server.bytes_sent.values()) == 0
     assert not list(tmp_path.rglob("pwned*"))
     assert_clean(store)
+
+
+@pytest.mark.parametrize("status, needle", [(401, "HF_TOKEN"), (403, "HF_TOKEN"),
+                                            (404, "missing from")])
+def test_permanent_refusals_fail_at_once(hub: HubServer, store: ModelStore, status: int,
+                                         needle: str):
+    hub.fail(IR_BIN, status, times=10, method="GET")
+    with pytest.raises(StoreError, match=needle) as e:
+        do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert f"HTTP {status}" in str(e.value)
+    assert sum(1 for r in hub.requests if r[0] == "GET" and r[1].endswith(IR_BIN)) == 1
+    assert_clean(store)
+
+
+def test_api_rate_limits_and_server_errors_are_retried(hub: HubServer, store: ModelStore,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    from ovms_plugin.store import hub as hub_mod
+    waits: list[float] = []
+    monkeypatch.setattr(hub_mod, "_sleep", waits.append)
+    hub.fail_api(429, times=1, retry_after=3)
+    hub.fail_api(503, times=1)
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert entry.task == "text-generation"
+    assert waits[0] >= 3.0 and len(waits) == 2  # Retry-After honoured, then a back-off
+
+
+def test_tries_that_make_progress_do_not_count(hub: HubServer, store: ModelStore,
+                                               monkeypatch: pytest.MonkeyPatch, caplog):
+    from ovms_plugin.store import hub as hub_mod
+    monkeypatch.setattr(hub_mod, "_sleep", lambda s: None)
+    hub.drop_after(IR_BIN, 100_000, times=hub_mod.ATTEMPTS + 3)  # 8 drops, each with progress
+    with caplog.at_level("INFO", logger="ovms_plugin.store.hub"):
+        _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert pull.verify(entry) == []
+    tries = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert len(tries) >= hub_mod.ATTEMPTS + 3
+    assert all("try 1 of 5" in t for t in tries)  # never "attempt 6/5"
+
+
+def test_download_timeout_is_honoured(hub: HubServer, store: ModelStore,
+                                      monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub.utils as hf_utils
+    seen: list[float] = []
+    real = hf_utils.get_session
+
+    class Spy:
+        def __init__(self, session):
+            self.session = session
+
+        def stream(self, *args, **kw):
+            seen.append(kw["timeout"])
+            return self.session.stream(*args, **kw)
+
+    monkeypatch.setattr(hf_utils, "get_session", lambda: Spy(real()))
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "7")
+    do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert seen and set(seen) == {7.0}

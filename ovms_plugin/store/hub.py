@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ovms_plugin.store.store import StoreError
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 ATTEMPTS = 5
+_sleep = time.sleep  # the waits between tries (tests replace it)
 
 
 class DownloadCancelled(StoreError):
@@ -74,7 +76,8 @@ def repo_info(repo_id: str, revision: str) -> RemoteRepo:
     from huggingface_hub import errors as hf_errors
     ep = endpoint()
     try:
-        info = HfApi(endpoint=ep).model_info(repo_id, revision=revision, files_metadata=True)
+        info = _with_retries(lambda: HfApi(endpoint=ep).model_info(
+            repo_id, revision=revision, files_metadata=True), repo_id)
     except hf_errors.GatedRepoError:
         raise StoreError(f"{repo_id} is gated on {ep}: accept its license on the Hub, then set "
                          "HF_TOKEN to a token of that account") from None
@@ -100,6 +103,25 @@ def repo_info(repo_id: str, revision: str) -> RemoteRepo:
                                 size=int(s.size or (lfs.size if lfs else 0)),
                                 sha256=lfs.sha256 if lfs else None, blob_id=s.blob_id))
     return RemoteRepo(repo_id, revision, info.sha or revision, files)
+
+
+def _with_retries(call: Callable[[], Any], repo_id: str) -> Any:
+    """An API call, tried again after a rate limit (429) or a server error (5xx), waiting
+    as the server asks (Retry-After) or backing off; other errors go up at once."""
+    from huggingface_hub import errors as hf_errors
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except hf_errors.HfHubHTTPError as e:
+            response = getattr(e, "response", None)
+            status = getattr(response, "status_code", None)
+            if attempt == ATTEMPTS or status is None or not (status == 429 or status >= 500):
+                raise
+            wait = max(retry_after(response.headers), min(2**attempt * 0.2, 2.0))
+            log.info("the Hub answered HTTP %d for %s; trying again in %.1f s (attempt %d "
+                     "of %d)", status, repo_id, wait, attempt + 1, ATTEMPTS)
+            _sleep(wait)
+    raise AssertionError("unreachable")
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -142,7 +164,7 @@ def verify(path: Path, rf: RemoteFile) -> bool:
     return True
 
 
-# One download of a file at a time, in this process; fcntl locks add other processes.
+# One download of a file at a time, in this process; file locks add other processes.
 _file_locks: dict[str, threading.Lock] = {}
 _file_locks_guard = threading.Lock()
 
@@ -159,10 +181,9 @@ def fetch(repo: RemoteRepo, rf: RemoteFile, dest: Path, on_bytes: Progress,
           cancel: threading.Event) -> None:
     """Downloads one file to `dest` (verified), resuming a `.part` left by an earlier try.
     `on_bytes(completed)` reports progress. Raises StoreError with a clear reason."""
-    import fcntl
+    from ovms_plugin.osutil import file_lock
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _lock_for(dest), open(dest.with_name(dest.name + ".lock"), "a+b") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
+    with _lock_for(dest), file_lock(dest.with_name(dest.name + ".lock")):
         if dest.is_file() and verify(dest, rf):
             on_bytes(rf.size)
             return
@@ -182,55 +203,116 @@ def fetch(repo: RemoteRepo, rf: RemoteFile, dest: Path, on_bytes: Progress,
                                  "corrupted file")
 
 
+class _Retry(Exception):
+    """A failure worth another try, after `wait` seconds at least (a Retry-After)."""
+
+    def __init__(self, why: str, wait: float = 0.0) -> None:
+        super().__init__(why)
+        self.wait = wait
+
+
+def retry_after(headers: Any) -> float:
+    """Seconds a server asked to wait (Retry-After in seconds), capped at a minute."""
+    try:
+        return min(max(float(headers.get("Retry-After", 0)), 0.0), 60.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def refusal(status: int, what: str, repo_id: str) -> StoreError:
+    """The error for an answer that another try will not change."""
+    if status in (401, 403):
+        return StoreError(f"the Hub refused {what} of {repo_id} (HTTP {status}): the repo is "
+                          "private or gated; accept its license on the Hub and set HF_TOKEN to "
+                          "a token of that account")
+    if status == 404:
+        return StoreError(f"{what} is missing from {repo_id} on {endpoint()} (HTTP 404): the "
+                          "repo changed during the pull, or the mirror lacks the file; pull "
+                          "again, or use another mirror")
+    return StoreError(f"the Hub refused {what} of {repo_id} (HTTP {status})")
+
+
+def download_timeout() -> float:
+    """HF_HUB_DOWNLOAD_TIMEOUT (seconds without data before a try is given up), as the
+    huggingface_hub client reads it; 30 s when unset."""
+    try:
+        return max(float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT", "30")), 1.0)
+    except ValueError:
+        return 30.0
+
+
 def _fetch_part(repo: RemoteRepo, rf: RemoteFile, part: Path, on_bytes: Progress,
                 cancel: threading.Event) -> None:
+    """Fetches into `part` until it holds the whole file. Tries that brought no byte count
+    toward ATTEMPTS; a try that made progress does not (the file still ends, since every
+    such try brings it closer)."""
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, get_session
     url = hf_hub_url(repo.repo_id, rf.path, revision=repo.sha, endpoint=endpoint())
-    last_error: Exception | None = None
-    for attempt in range(ATTEMPTS):
+    failures = 0
+    while True:
         have = part.stat().st_size if part.exists() else 0
         if have > rf.size:  # a stale part of another version: start over
             part.unlink()
             have = 0
         if have == rf.size:
             return
-        headers = build_hf_headers()
-        if have:
-            headers["Range"] = f"bytes={have}-"
         try:
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True,
-                                      timeout=30) as resp:
-                hf_raise_for_status(resp)
-                mode = "ab" if resp.status_code == 206 else "wb"
-                done = have if mode == "ab" else 0
-                with open(part, mode) as out:
-                    for chunk in resp.iter_bytes():  # as it arrives: a drop loses nothing
-                        if cancel.is_set():
-                            raise DownloadCancelled(f"download of {rf.path} was cancelled")
-                        out.write(chunk)
-                        done += len(chunk)
-                        on_bytes(done)
+            _get_part(get_session(), url, build_hf_headers(), have, repo, rf, part, on_bytes,
+                      cancel)
             if part.stat().st_size >= rf.size:
                 return
-            last_error = StoreError("the connection closed before the end of the file")
-        except DownloadCancelled:
-            raise
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                free = shutil.disk_usage(part.parent).free
+            why, wait = "the connection closed before the end of the file", 0.0
+        except _Retry as e:
+            why, wait = str(e), e.wait
+        if (part.stat().st_size if part.exists() else 0) > have:
+            failures = 0  # progress: this try does not count
+        else:
+            failures += 1
+        if failures >= ATTEMPTS:
+            raise TransferInterrupted(
+                f"downloading {rf.path} of {repo.repo_id} failed {ATTEMPTS} times in a row "
+                f"without progress ({why}); pull again to resume where it stopped")
+        log.info("download of %s interrupted (%s); resuming (try %d of %d without progress)",
+                 rf.path, why, failures + 1, ATTEMPTS)
+        _sleep(max(wait, min(2**failures * 0.2, 2.0)))
+
+
+def _get_part(session: Any, url: str, headers: dict[str, str], have: int, repo: RemoteRepo,
+              rf: RemoteFile, part: Path, on_bytes: Progress, cancel: threading.Event) -> None:
+    """One GET from byte `have` on, appended to `part` as it arrives. Raises _Retry for what
+    another try may mend, StoreError for what it will not."""
+    if have:
+        headers = {**headers, "Range": f"bytes={have}-"}
+    try:
+        with session.stream("GET", url, headers=headers, follow_redirects=True,
+                            timeout=download_timeout()) as resp:
+            status = resp.status_code
+            if status == 416 and have:  # the part is not a prefix of this file
                 part.unlink(missing_ok=True)
-                raise StoreError(f"disk full while downloading {rf.path} ({rf.size} bytes; "
-                                 f"{free} bytes free in {part.parent}); free some space and "
-                                 "pull again") from None
-            last_error = e
-        except Exception as e:  # httpx transport errors, HTTP errors from the mirror
-            status = getattr(getattr(e, "response", None), "status_code", None)
-            if status is not None and status < 500 and status != 429:
-                raise StoreError(f"the Hub refused {rf.path} of {repo.repo_id}: {e}") from None
-            last_error = e  # a dropped connection or a server error: worth another try
-        log.info("download of %s interrupted (%s); resuming (attempt %d/%d)", rf.path,
-                 last_error, attempt + 2, ATTEMPTS)
-        time.sleep(min(2**attempt * 0.2, 2.0))
-    raise TransferInterrupted(f"downloading {rf.path} of {repo.repo_id} failed after {ATTEMPTS} "
-                     f"attempts: {last_error}; pull again to resume where it stopped")
+                raise _Retry("the server refused the resumed range; starting over")
+            if status == 429 or status >= 500:
+                raise _Retry(f"HTTP {status}", retry_after(resp.headers))
+            if status >= 400:
+                raise refusal(status, rf.path, repo.repo_id)
+            mode = "ab" if status == 206 else "wb"
+            done = have if mode == "ab" else 0
+            with open(part, mode) as out:
+                for chunk in resp.iter_bytes():  # as it arrives: a drop loses nothing
+                    if cancel.is_set():
+                        raise DownloadCancelled(f"download of {rf.path} was cancelled")
+                    out.write(chunk)
+                    done += len(chunk)
+                    on_bytes(done)
+    except (DownloadCancelled, StoreError, _Retry):
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(part.parent).free
+            part.unlink(missing_ok=True)
+            raise StoreError(f"disk full while downloading {rf.path} ({rf.size} bytes; "
+                             f"{free} bytes free where the store is); free some space and "
+                             "pull again") from None
+        raise _Retry(f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # httpx transport errors: a dropped connection, a timeout
+        raise _Retry(f"{type(e).__name__}: {e}") from None
