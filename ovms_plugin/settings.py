@@ -101,6 +101,15 @@ def compile_cache(data: dict | None = None) -> tuple[str, int]:
     return mode, parse_bytes(data.get("compile_cache_max", "4GB"))
 
 
+def max_request_bytes(data: dict | None = None) -> int:
+    """The largest request body the AOG plugin accepts (`max_request_size`, env
+    OVMS_PLUGIN_MAX_REQUEST_SIZE; default 64MB). gRPC's own 4 MiB limit is lifted to what
+    AOG may send; bodies over this one get a clear invalid-request answer instead."""
+    data = load_file() if data is None else data
+    return parse_bytes(os.environ.get("OVMS_PLUGIN_MAX_REQUEST_SIZE")
+                       or data.get("max_request_size", "64MB"))
+
+
 def idle_unload_seconds(data: dict | None = None) -> float:
     """Plugin mode unloads models idle this long (0: never; AOG unloads after 5 idle
     minutes itself)."""

@@ -115,3 +115,46 @@ def test_deep_nesting_and_forged_log_lines_over_http(srv: Server):  # noqa: F811
     assert r.status_code == 404 and str(srv.url) not in r.text
     assert wait_for(lambda: any("evil\\r\\n[ERROR] forged" in line for line in srv.lines), 5)
     assert not any(line.startswith("[ERROR] forged") for line in srv.lines)
+
+
+@pytest.mark.parametrize("service, body, needle", [
+    ("chat", {"model": REAL, "messages": [{"role": "user"}]}, "content is missing or null"),
+    ("chat", {"model": REAL, "messages": [{"role": "user", "content": None}]},
+     "content is missing or null"),
+    ("chat", {"model": REAL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": 42}]}]}, "text must be a string"),
+    ("chat", {"model": REAL, "stream": "false",
+              "messages": [{"role": "user", "content": "x"}]}, "'stream' must be true or false"),
+    ("generate", {"model": REAL, "prompt": "x", "ignore_eos": "yes"}, "'ignore_eos'"),
+])
+def test_odd_shapes_are_refused_over_aog(host: AogHost, service: str, body: dict, needle: str):
+    r = host.invoke(service, body)
+    assert r.code == errors.INVALID_REQUEST and needle in r.message, r.message
+
+
+@pytest.mark.parametrize("models", ["smollm2", [1, 2], {"a": 1}])
+def test_unload_model_takes_a_list_of_names_only(host: AogHost, models):
+    assert host.json_call("LoadModel", {"model": REAL}).code == 0
+    r = host.json_call("UnloadModel", {"models": models})
+    assert r.code == errors.INVALID_REQUEST and "list of model names" in r.message
+    running = json.loads(host.call("GetRunningModels").response_json)["models"]
+    assert REAL in [m["name"] for m in running]  # nothing was unloaded
+
+
+def test_large_bodies_pass_the_transport_and_the_limit_is_clear(start_host, tmp_path: Path,
+                                                                 plugin_home: Path):
+    """gRPC's default 4 MiB cap is lifted (AOG sends up to 2 GiB); the plugin's own limit
+    (max_request_size) answers with a code and the limit."""
+    h = start_host(plugin_home, OVMS_PLUGIN_MAX_REQUEST_SIZE="8MB")
+    big = {"model": REAL, "max_tokens": 1,
+           "messages": [{"role": "user", "content": "word " * (1 << 20)}]}  # 5 MiB
+    r = h.invoke("chat", big)
+    assert r.code == errors.INVALID_REQUEST and "context" in r.message  # parsed, then too long
+    bigger = {**big, "messages": [{"role": "user", "content": "word " * (2 << 20)}]}  # 10 MiB
+    r = h.invoke("chat", bigger)
+    assert r.code == errors.INVALID_REQUEST and "limit of 8 MiB" in r.message
+
+
+def test_documents_must_be_a_list(srv: Server):  # noqa: F811
+    r = srv.http.post("/v1/rerank", json={"model": RERANK, "query": "q", "documents": "abc"})
+    assert r.status_code == 400 and "'documents' must be a list" in r.text

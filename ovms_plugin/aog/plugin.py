@@ -104,7 +104,12 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
     env = dict(os.environ if env is None else env)
     shutdown = asyncio.Event()
     runtime = Runtime(ModelStore(models_dir or paths.models_dir()))
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # AOG sends bodies of up to 2 GiB (gRPC's default cap is 4 MiB, and a 4-image answer is
+    # more); the servicer refuses bodies over max_request_size itself, with a clear answer.
+    limit = 2**31 - 1
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                      ("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
     servicer.add_to_server(servicer.ProviderServicer(runtime), server)
     go_plugin_pb2_grpc.add_GRPCControllerServicer_to_server(Controller(shutdown), server)
     go_plugin_pb2_grpc.add_GRPCStdioServicer_to_server(Stdio(shutdown), server)

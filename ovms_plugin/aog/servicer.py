@@ -7,6 +7,7 @@ AOG expects. JSON goes in and out of the bytes fields.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -15,14 +16,14 @@ from typing import Any
 import grpc
 import yaml
 
-from ovms_plugin import __version__, engine_check, paths
+from ovms_plugin import __version__, engine_check, paths, settings
 from ovms_plugin.aog.proto import provider_pb2 as pb
 from ovms_plugin.aog.proto import provider_pb2_grpc as pb_grpc
 from ovms_plugin.service import errors, invoke, jsonenc
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store import pull as pull_mod
-from ovms_plugin.store.store import StoreError
+from ovms_plugin.store.store import StoreError, shown
 
 log = logging.getLogger(__name__)
 SUCCESS = "success"
@@ -32,7 +33,22 @@ def _json(data: Any) -> bytes:
     return jsonenc.dumps(data).encode()
 
 
+@functools.cache
+def _request_limit() -> int:
+    """max_request_size, read once (a changed setting takes effect at the next start)."""
+    try:
+        return settings.max_request_bytes()
+    except settings.SettingsError as e:
+        log.error("%s; using 64MB", e)
+        return 64 * 2**20
+
+
 def _body(raw: bytes, what: str) -> Any:
+    limit = _request_limit()
+    if len(raw) > limit:
+        raise ServiceError(f"{what} is {len(raw) / 2**20:.1f} MiB, over this plugin's limit of "
+                           f"{limit / 2**20:.0f} MiB; send less, or raise max_request_size in "
+                           "the settings", errors.INVALID_REQUEST)
     return errors.parse_json(raw or b"{}", what)
 
 
@@ -265,8 +281,10 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     async def UnloadModel(self, request, context):
         try:
             names = self._model_arg(request.request_json, "models")
-            if isinstance(names, str):
-                names = [names]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ServiceError("'models' must be a list of model names, like "
+                                   f"{{\"models\": [\"name\"]}}; got {shown(names)}",
+                                   errors.INVALID_REQUEST)
             for name in names:
                 await self.rt.unload(name)
             return pb.UnloadModelResponse(code=0, message=SUCCESS)

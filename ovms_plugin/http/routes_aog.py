@@ -60,7 +60,7 @@ from ovms_plugin.http.common import (
     sse_response,
 )
 from ovms_plugin.service import errors, invoke
-from ovms_plugin.service.errors import ServiceError, invalid
+from ovms_plugin.service.errors import ServiceError, bool_field, invalid
 from ovms_plugin.store.store import rfc3339
 
 PREFIX = "/aog/v0.2/services"
@@ -119,7 +119,7 @@ async def _text(request: web.Request, service: str) -> web.StreamResponse:
     body = await _with_model(request, service)
     body.pop("stream_options", None)  # OpenAI's; AOG's stream always ends with the usage
     rt = request.app[RUNTIME]
-    if body.get("stream"):
+    if bool_field(body, "stream"):
         svc = invoke.lookup(service, streaming=True)
         return await sse_response(request, _aog_events(svc.stream(rt, service, body), service),
                                   done=False)

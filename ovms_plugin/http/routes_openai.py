@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ovms_plugin.http.common import MODEL, RUNTIME, json_response, read_json, sse_response
 from ovms_plugin.service import invoke
-from ovms_plugin.service.errors import invalid
+from ovms_plugin.service.errors import bool_field, invalid
 from ovms_plugin.store.store import ModelEntry
 
 OWNER = "ovms-plugin"
@@ -44,7 +44,7 @@ async def _unary(request: web.Request, service: str, body: dict[str, Any]) -> we
 
 async def _text(request: web.Request, service: str) -> web.StreamResponse:
     body = await read_json(request)
-    if body.get("stream"):
+    if bool_field(body, "stream"):
         svc = invoke.lookup(service, streaming=True)
         return await sse_response(request, chunk_data(svc.stream(request.app[RUNTIME], service,
                                                                  body)), done=True)
@@ -69,7 +69,7 @@ async def rerank(request: web.Request) -> web.Response:
 
 async def images_generations(request: web.Request) -> web.Response:
     body = await read_json(request)
-    if body.get("stream"):
+    if bool_field(body, "stream"):
         raise invalid("streamed image generation is not offered on this route; call it "
                       "without \"stream\" (AOG clients: /aog/v0.2/services/text-to-image)",
                       "stream")

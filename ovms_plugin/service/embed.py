@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ovms_plugin.service import jsonenc
-from ovms_plugin.service.errors import int_field, invalid, require_model
+from ovms_plugin.service.errors import bool_field, int_field, invalid, require_model
 from ovms_plugin.store.store import read_json
 
 MAX_INPUTS = 2048
@@ -66,7 +66,7 @@ def parse_embed(body: Any) -> EmbedRequest:
     req.encoding_format = fmt
     req.dimensions = int_field(body, "dimensions")
     if body.get("truncate") is not None:
-        req.truncate = bool(body["truncate"])
+        req.truncate = bool_field(body, "truncate")
     input_type = body.get("input_type") or "document"
     if input_type not in ("document", "query"):
         raise invalid("'input_type' must be 'document' or 'query'", "input_type")
@@ -80,14 +80,17 @@ def parse_rerank(body: Any) -> RerankRequest:
     if not isinstance(query, str) or not query.strip():
         raise invalid("'query' must be a non-empty string", "query")
     docs = body.get("documents")
+    if not isinstance(docs, list):
+        raise invalid("'documents' must be a list of strings (or of {\"text\": ...} objects), "
+                      f"got {type(docs).__name__}", "documents")
     if isinstance(docs, list):  # Cohere/Jina also accept {"text": ...} objects
         docs = [d.get("text") if isinstance(d, dict) else d for d in docs]
     req = RerankRequest(model=model, query=query,
                         documents=_texts(docs, "document", "documents"))
     req.top_n = int_field(body, "top_n")
-    req.return_documents = bool(body.get("return_documents", False))
+    req.return_documents = bool_field(body, "return_documents")
     if body.get("truncate") is not None:
-        req.truncate = bool(body["truncate"])
+        req.truncate = bool_field(body, "truncate")
     return req
 
 

@@ -86,6 +86,16 @@ def int_field(body: dict, key: str, lo: int = 1, hi: int | None = None) -> int |
     return value
 
 
+def bool_field(body: dict, key: str, default: bool = False) -> bool:
+    """An optional boolean: true or false, not the string "false" (which is truthy)."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"'{key}' must be true or false, got {value!r}", key)
+    return value
+
+
 def require_model(body: object) -> str:
     """The model a request body names; refuses a body that is not an object or names none."""
     if not isinstance(body, dict):

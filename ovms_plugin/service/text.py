@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovms_plugin.service.errors import int_field, invalid, require_model
+from ovms_plugin.service.errors import bool_field, int_field, invalid, require_model
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -61,15 +61,21 @@ def _content(message: Any, i: int) -> dict[str, str]:
         raise invalid(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}",
                       "messages")
     content = message.get("content")
+    if content is None and not message.get("tool_calls"):
+        raise invalid(f"messages[{i}].content is missing or null; give a string or a list of "
+                      "text parts", "messages")
     if content is None:
         content = ""
     if isinstance(content, list):  # OpenAI content parts: only text is supported
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise invalid(f"messages[{i}].content: only text parts are supported",
                               "messages")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"messages[{i}].content[{j}].text must be a string, got "
+                              f"{part.get('text')!r}", "messages")
+            parts.append(part["text"])
         content = "".join(parts)
     if not isinstance(content, str):
         raise invalid(f"messages[{i}].content must be a string", "messages")
@@ -79,7 +85,7 @@ def _content(message: Any, i: int) -> dict[str, str]:
 def parse(service: str, body: Any) -> TextRequest:
     """Validates a chat or generate body (OpenAI fields; AOG sends a subset)."""
     model = require_model(body)
-    req = TextRequest(service=service, model=model, stream=bool(body.get("stream", False)))
+    req = TextRequest(service=service, model=model, stream=bool_field(body, "stream"))
     if service == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -116,7 +122,7 @@ def parse(service: str, body: Any) -> TextRequest:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise invalid(f"'seed' must be an integer, got {seed!r}", "seed")
         req.seed = seed
-    req.ignore_eos = bool(body.get("ignore_eos", False))
+    req.ignore_eos = bool_field(body, "ignore_eos")
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise invalid(f"'n' must be 1 (one choice per request), got {n!r}; send several "
