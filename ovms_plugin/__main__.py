@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--aog", action="store_true", help="drive the plugin as AOG does, then exit")
     s.add_argument("--port", type=int, default=8000)
     sub.add_parser("list", help="list installed models")
+    sub.add_parser("gc", help="remove what killed or failed pulls left behind, and say "
+                              "what was freed")
+    s = sub.add_parser("verify", help="check a model's files against its manifest")
+    s.add_argument("model")
+    s.add_argument("--repair", action="store_true", help="pull a damaged model again")
     s = sub.add_parser("pull", help="install a model: a Hugging Face repo id "
                                     "(org/name[@revision]), a GGUF repo with its quant "
                                     "(org/name-GGUF:Q4_K_M or hf.co/org/name:Q4_K_M), a "

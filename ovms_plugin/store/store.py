@@ -52,12 +52,32 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+MAX_NAME = 200  # the folder name stays well under file systems' 255
+# Names Windows reserves for devices, whatever the extension ("CON", "nul.txt", "COM1").
+_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(\..*)?$", re.IGNORECASE)
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot name a model, or None. One name, one folder: `org/x` is stored as
+    `org--x`, so '--' is kept for that and refused in names."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        return ("use letters, digits, '.', '_' and '-', optionally one 'org/' prefix (like a "
+                "Hugging Face id)")
+    if len(name) > MAX_NAME:
+        return f"at most {MAX_NAME} characters"
+    if ".." in name or "--" in name:
+        return "no '..' and no '--' ('org--x' is how 'org/x' is stored: call it 'org/x')"
+    for part in name.split("/"):
+        if _RESERVED.match(part):
+            return f"{part!r} is a device name on Windows"
+        if part.endswith("."):
+            return "no part may end with '.'"
+    return None
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise StoreError(
-            f"invalid model name {shown(name)}: use letters, digits, '.', '_' and '-', "
-            "optionally one 'org/' prefix (like a Hugging Face id), up to 128 characters "
-            "each; no '..', no absolute paths")
+    if (why := name_problem(name)) is not None:
+        raise StoreError(f"invalid model name {shown(name)}: {why}; no absolute paths")
     return name
 
 
@@ -262,11 +282,11 @@ class ModelStore:
             except (StoreError, OSError, ParseError) as e:
                 log.warning("skipping %s: %s", folder, e)
                 return None
-        name = manifest.get("name") or folder.name.replace("--", "/")
+        name = folder.name.replace("--", "/", 1)  # one folder, one name (the manifest's is a copy)
         return ModelEntry(name=name, path=folder, manifest=manifest)
 
     def find(self, name: str) -> ModelEntry | None:
-        if isinstance(name, str) and _NAME_RE.match(name) and ".." not in name:
+        if name_problem(name) is None:
             folder = self.folder(name)
             if folder.is_dir():
                 return self._entry(folder)
@@ -281,10 +301,40 @@ class ModelStore:
                             f"'python -m ovms_plugin pull {name}').")
 
     def staging_dir(self) -> Path:
+        """A new folder to build a model in, named after this process so that `gc` can tell
+        a live pull's folder from a killed one's."""
         self._ensure()
-        path = self.root / STAGING / uuid.uuid4().hex
+        path = self.root / STAGING / _owned("new")
         path.mkdir()
         return path
+
+    def gc(self) -> list[tuple[str, int]]:
+        """Removes what killed or failed pulls left: staging folders of processes that no
+        longer run, and downloads no pull is using (their repo@revision lock is free).
+        Returns (what, bytes) for each removal."""
+        from filelock import FileLock, Timeout
+
+        from ovms_plugin.osutil import pid_alive
+        freed = []
+        staging = self.root / STAGING
+        for item in sorted(staging.iterdir()) if staging.is_dir() else []:
+            owner = item.name.split("-", 2)[1] if item.name.count("-") >= 2 else ""
+            if owner.isdigit() and pid_alive(int(owner)):
+                continue  # a pull (or an install) of a running process
+            freed.append((f"staging folder {item.name}", _tree_size(item)))
+            _remove(item)
+        downloads = self.root / ".downloads"
+        for item in sorted(downloads.iterdir()) if downloads.is_dir() else []:
+            lock = FileLock(str(self.root / ".locks" / f"{item.name}.lock"), timeout=0)
+            try:
+                with lock:
+                    freed.append((f"download {item.name}", _tree_size(item)))
+                    _remove(item)
+            except Timeout:
+                continue  # a pull is using it
+        for what, size in freed:
+            log.info("gc: removed %s (%.1f MB)", what, size / 2**20)
+        return freed
 
     def install(self, staged: Path, name: str, manifest: dict[str, Any]) -> ModelEntry:
         """Moves a validated staging folder into the store in one rename. An existing model
@@ -295,7 +345,7 @@ class ModelStore:
         with self._lock:
             old = None
             if target.exists():
-                old = self.root / STAGING / f"old-{uuid.uuid4().hex}"
+                old = self.root / STAGING / _owned("old")
                 os.rename(target, old)
             os.rename(staged, target)
         if old is not None:
@@ -305,10 +355,28 @@ class ModelStore:
 
     def delete(self, name: str) -> None:
         entry = self.get(name)
-        trash = self.root / STAGING / f"deleted-{uuid.uuid4().hex}"
+        trash = self.root / STAGING / _owned("deleted")
         self._ensure()
         os.rename(entry.path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _owned(kind: str) -> str:
+    """A staging name that says which process made it: <kind>-<pid>-<random>."""
+    return f"{kind}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
