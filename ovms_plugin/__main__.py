@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="service it is for: chat, generate, embed, rerank, text-to-image")
     s.add_argument("--weight-format", default=None, choices=["fp32", "fp16", "int8", "int4"],
                    help="weight compression when converting (default: by task and size)")
+    s.add_argument("--convert", action="store_true",
+                   help="convert from the weights even when the repo holds OpenVINO IR")
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow the repo's own Python code to run during conversion")
     sub.add_parser("catalog", help="list the curated models that can be pulled by short name")

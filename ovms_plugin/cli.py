@@ -51,7 +51,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     req = pull.PullRequest.from_json({"model": args.model, "name": args.name,
                                       "model_type": args.model_type,
                                       "weight_format": args.weight_format,
-                                      "trust_remote_code": args.trust_remote_code})
+                                      "trust_remote_code": args.trust_remote_code,
+                                      "convert": args.convert})
     try:
         entry = pull.pull(_store(args), req, bar)
     finally:

@@ -574,3 +574,44 @@ def test_verify_command_finds_and_repairs_damage(hub: HubServer, store: ModelSto
     r = cli("--repair")
     assert r.returncode == 0 and "repaired" in r.stdout, r.stderr
     assert cli().returncode == 0
+
+
+def test_real_hub_layouts_download_only_what_the_path_needs(
+        store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        test_models: dict[str, Path]):
+    """Weights at the root and a complete IR export in openvino/ (tokenizer IR included):
+    the IR is downloaded alone and lifted to the top, no conversion. `convert` forces
+    conversion from the weights instead, without the IR. A root IR repo that also carries
+    other frameworks' files gets only the IR."""
+    hf, ir_folder = test_models["tiny-chat-hf"], test_models["tiny-chat"]
+    both = tmp_path / "both"
+    shutil.copytree(hf, both)
+    shutil.copytree(ir_folder, both / "openvino")
+    (both / "onnx").mkdir()
+    (both / "onnx" / "model.onnx").write_bytes(b"\0" * 2_000_000)
+    root_ir = tmp_path / "root-ir"
+    shutil.copytree(ir_folder, root_ir)
+    (root_ir / "pytorch_model.bin").write_bytes(b"\0" * 2_000_000)
+    (root_ir / "model.onnx").write_bytes(b"\0" * 2_000_000)
+    with HubServer() as server:
+        server.add_repo("org/both", both)
+        server.add_repo("org/root-ir", root_ir)
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        msgs, entry = do_pull(store, "org/both", name="sub")
+        sent = dict(server.bytes_sent)
+        assert not any(m.get("status", "").startswith("converting") for m in msgs)
+        assert any("OpenVINO IR in openvino/" in m.get("status", "") for m in msgs)
+        assert set(sent) <= {f"openvino/{p.name}" for p in ir_folder.iterdir()} | \
+            {"config.json", "generation_config.json"}, sorted(sent)
+        assert (entry.path / "openvino_model.xml").is_file() and \
+            not (entry.path / "openvino").exists()
+        assert pull.verify(entry) == [] and entry.task == "text-generation"
+        server.reset_counters()
+        msgs, converted = do_pull(store, "org/both", name="conv", convert=True)
+        assert any(m.get("status", "").startswith("converting") for m in msgs)
+        assert not any(p.startswith(("openvino/", "onnx/")) for p in server.bytes_sent)
+        assert converted.manifest["weight_format"] == "int8"
+        server.reset_counters()
+        _, plain = do_pull(store, "org/root-ir", name="plain")
+        assert "pytorch_model.bin" not in server.bytes_sent
+        assert "model.onnx" not in server.bytes_sent and pull.verify(plain) == []

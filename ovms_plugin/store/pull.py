@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ class PullRequest:
     model_type: str | None = None
     weight_format: str | None = None
     trust_remote_code: bool = False
+    convert: bool = False  # convert from the weights even when the repo holds OpenVINO IR
+    # The task a model of that name is loaded as, if it is (the plugin's runtime tells): a
+    # pull may replace a loaded model, but not with a model of another task.
+    loaded_task: Callable[[str], str | None] | None = field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, body: Any) -> PullRequest:
@@ -94,7 +98,8 @@ class PullRequest:
         req = cls(model=body["model"].strip(), name=body.get("name") or None,
                   model_type=body.get("model_type") or None,
                   weight_format=body.get("weight_format") or None,
-                  trust_remote_code=bool(body.get("trust_remote_code", False)))
+                  trust_remote_code=_flag(body, "trust_remote_code"),
+                  convert=_flag(body, "convert"))
         if req.model_type is not None and req.model_type not in SERVICE_TASKS:
             raise StoreError(f"unknown model_type {req.model_type!r}; use one of "
                              f"{sorted(SERVICE_TASKS)}")
@@ -102,6 +107,13 @@ class PullRequest:
             raise StoreError(f"unknown weight_format {req.weight_format!r}; use one of "
                              f"{list(WEIGHT_FORMATS)}")
         return req
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key, False)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise StoreError(f"{key!r} must be true or false, got {value!r}")
 
 
 def pull(store: ModelStore, req: PullRequest, progress: Progress,
@@ -316,12 +328,67 @@ def _copy_tree(src: Path, dst: Path, files: list[str], progress: Progress,
 
 # --- Hugging Face repos ----------------------------------------------------------------
 
-def _wanted(repo: hub.RemoteRepo, openvino: bool) -> list[hub.RemoteFile]:
-    """The files to download: all of an OpenVINO repo; of others, what conversion needs
-    (safetensors rather than duplicate PyTorch .bin weights, no other frameworks)."""
-    files = [f for f in repo.files if not f.path.startswith(".")]
-    if openvino:
-        return files
+@dataclass(frozen=True)
+class Layout:
+    """What a pull takes from a repo: `ir` (download only) with its IR under `prefix` ("" at
+    the root, "openvino/" for an export in a subfolder), or conversion from the weights."""
+
+    ir: bool
+    prefix: str
+    files: list[hub.RemoteFile]
+
+    def local(self, path: str) -> str:
+        """Where a downloaded file goes in the model folder (a subfolder's IR is lifted)."""
+        return path.removeprefix(self.prefix)
+
+
+_WEIGHTS = (".safetensors", ".pt", ".pth", ".h5", ".msgpack", ".ot", ".onnx", ".onnx_data",
+            ".gguf", ".tflite", ".mlmodel", ".pte")
+# Small files of the root that describe the model (task, pooling, generation defaults).
+_DESCRIPTIONS = ("config.json", "generation_config.json", "modules.json",
+                 "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def layout(repo: hub.RemoteRepo, convert: bool = False) -> Layout:
+    """Decides from the listing alone which files the pull needs: OpenVINO IR at the root
+    (a diffusers pipeline keeps one per component folder), else a complete IR export in one
+    subfolder (the IR and its tokenizer IR: sentence-transformers and others ship an
+    `openvino/` export beside their weights), else what conversion needs. `convert` forces
+    conversion from the weights."""
+    files = [f for f in repo.files if not f.path.startswith(".") and "/." not in f.path]
+    paths = {f.path for f in files}
+    if not convert and is_openvino(paths):
+        return Layout(True, "", [f for f in files if _ir_file(f.path, paths, "")])
+    if not convert:
+        for prefix in sorted({p.rsplit("/", 1)[0] + "/" for p in paths
+                              if p.endswith("/openvino_model.xml") and p.count("/") == 1}):
+            if prefix + "openvino_tokenizer.xml" in paths:
+                return Layout(True, prefix, [
+                    f for f in files if (f.path.startswith(prefix) and
+                                         _ir_file(f.path[len(prefix):], paths, prefix))
+                    or (f.path in _DESCRIPTIONS or _is_pooling(f.path))])
+    return Layout(False, "", _for_conversion(files))
+
+
+def _ir_file(rel: str, paths: set[str], prefix: str) -> bool:
+    """A file an IR folder needs: not another framework's weights or export folder, and an
+    IR's .bin only beside its .xml."""
+    if rel.startswith(_SKIP_DIRS) or rel.endswith(_WEIGHTS):
+        return False
+    if rel.endswith(".bin"):
+        return prefix + rel[:-4] + ".xml" in paths
+    return True
+
+
+def _is_pooling(path: str) -> bool:
+    top = path.split("/", 1)[0]
+    return "/" in path and top.split("_", 1)[-1] in ("Pooling", "Normalize") and \
+        top.split("_", 1)[0].isdigit()
+
+
+def _for_conversion(files: list[hub.RemoteFile]) -> list[hub.RemoteFile]:
+    """What conversion needs: safetensors rather than duplicate PyTorch .bin weights, no
+    other frameworks' exports."""
     files = [f for f in files if not f.path.endswith(_SKIP_SUFFIXES)
              and not f.path.startswith(_SKIP_DIRS)]
     folders_with_safetensors = {os.path.dirname(f.path) for f in files
@@ -382,8 +449,10 @@ def _fetch_and_install(store: ModelStore, repo: hub.RemoteRepo, downloads: Path,
     """Downloads what the pull needs into `downloads`, converts or moves it into staging,
     validates and installs it. Downloads are kept when the pull is cancelled or cut off (the
     next pull resumes them) and removed when it fails for good or succeeds."""
-    source, paths = f"hf:{repo.repo_id}", {f.path for f in repo.files}
-    openvino = is_openvino(paths)
+    source = f"hf:{repo.repo_id}"
+    plan = layout(repo, req.convert)
+    paths = {plan.local(f.path) for f in plan.files} if plan.ir else \
+        {f.path for f in repo.files}
     staged: Path | None = None
     try:
         if gguf_file is not None:
@@ -400,21 +469,31 @@ def _fetch_and_install(store: ModelStore, repo: hub.RemoteRepo, downloads: Path,
                 hub.fetch(repo, rf, downloads / meta, lambda n: None, cancel)
         config = read_json(downloads / "config.json")
         task = _check_task(task_from(paths, config), req.model_type, repo.repo_id)
-        wanted = _wanted(repo, openvino)
+        wanted = plan.files
+        if not plan.ir and not any(f.path.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                                   for f in wanted):
+            raise StoreError(f"{repo.repo_id} has no weights to convert from (safetensors or "
+                             "PyTorch); pull it without forcing conversion")
         total = sum(f.size for f in wanted)
         weights = _weights_bytes({f.path: f.size for f in wanted})
         n_params = ir.parameter_count_from_config(config) or weights // 2
-        weight_format = None if openvino else \
+        weight_format = None if plan.ir else \
             req.weight_format or default_weight_format(task, n_params)
-        _check_resources(name, total if openvino else total + weights, store.root,
-                         0 if openvino else _convert_memory(n_params, weights))
+        _check_resources(name, total if plan.ir else total + weights, store.root,
+                         0 if plan.ir else _convert_memory(n_params, weights))
+        if plan.ir:
+            progress({"status": f"OpenVINO IR in {plan.prefix or 'the repo root'}: "
+                                f"downloading {len(wanted)} files, no conversion"})
         _download(repo, wanted, downloads, progress, cancel)
         _remove_locks(downloads)
         conversion = None
         staged = store.staging_dir()
-        if openvino:
-            os.rename(downloads, staged)  # onto the empty staging folder: no copy
-            hashes = {f.path: f.sha256 for f in wanted if f.sha256}
+        if plan.ir:
+            for rf in wanted:  # moved, not copied; a subfolder's IR is lifted to the top
+                target = staged / plan.local(rf.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(downloads / rf.path, target)
+            hashes = {plan.local(f.path): f.sha256 for f in wanted if f.sha256}
         else:
             conversion = _convert(downloads, staged, task, weight_format, req, progress,
                                   cancel)
@@ -569,6 +648,11 @@ def _finish(store: ModelStore, staged: Path, name: str, task: str, req: PullRequ
     progress({"status": "validating"})
     result = run_job({"validate": {"folder": str(staged), "task": task,
                                    "model_type": req.model_type}}, cancel)
+    loaded = req.loaded_task(name) if req.loaded_task else None
+    if loaded is not None and loaded != task:
+        raise StoreError(f"model {name!r} is loaded as a {loaded} model, and this pull would "
+                         f"replace it with a {task} model; unload it first, or pull under "
+                         "another name (--name)")
     progress({"status": "writing manifest"})
     manifest = describe_folder(staged, hashes=hashes, task=task, model_type=req.model_type,
                                trust_remote_code=req.trust_remote_code,
