@@ -3,7 +3,11 @@ serve` would start it (ovms_plugin.http.server.main in a subprocess): the offici
 client for chat (plain, streamed, include_usage), completions, embeddings (float and
 base64) and images; AOG-shaped requests for each service; every error status; the API
 key; busy models; cancellation by disconnect; /ready, /metrics and the request log; and
-SIGTERM leaving no engine worker behind."""
+SIGTERM leaving no engine worker behind.
+
+Chat and completions as a user sees them run on the real SmolLM2 (REAL); the random-weight
+tiny chat model stays for what needs its shape or does not depend on weights: busy and
+broken copies, cancellation, errors, metrics."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from conftest import descendants, pid_alive, wait_for
+from conftest import REAL, descendants, pid_alive, wait_for
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,20 +45,23 @@ BUSY, BROKEN = "tiny-chat-busy", "broken-chat"
 
 @pytest.fixture(scope="module")
 def http_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A home with the tiny chat, embedding, rerank and diffusion models copied into the
-    store (the store writes their manifests on first sight), a chat model that takes one
-    request at a time, and one whose weights are cut short (its load fails)."""
+    """A home with the real SmolLM2 and the tiny chat, embedding, rerank and diffusion
+    models copied into the store (the store writes their manifests on first sight), a chat
+    model that takes one request at a time, and one whose weights are cut short (its load
+    fails)."""
     home = tmp_path_factory.mktemp("http-home")
     store = home / "models"
-    built = devmodels.ensure_models(devmodels.default_cache_dir(), [CHAT, EMBED, RERANK, SD])
+    built = devmodels.ensure_models(devmodels.default_cache_dir(),
+                                    [CHAT, EMBED, RERANK, SD, devmodels.SMOLLM2])
     for name, folder in built.items():
-        shutil.copytree(folder, store / name)
+        shutil.copytree(folder, store / (REAL if name == devmodels.SMOLLM2 else name))
     shutil.copytree(built[CHAT], store / BUSY)
     shutil.copytree(built[CHAT], store / BROKEN)
     os.truncate(store / BROKEN / "openvino_model.bin", 1000)
     f32 = {"properties": {"INFERENCE_PRECISION_HINT": "f32"}}
     (home / "settings.yaml").write_text(yaml.safe_dump({"models": {
         CHAT: {**f32, "scheduler": {"cache_size": 1}},
+        REAL: {**f32, "scheduler": {"cache_size": 1}},
         BUSY: {"scheduler": {"cache_size": 1, "max_num_seqs": 1}, "max_waiting_requests": 0},
         BROKEN: {"scheduler": {"cache_size": 1}}, EMBED: f32, RERANK: f32}}))
     return home
@@ -116,7 +123,7 @@ class Server:
 @pytest.fixture(scope="module")
 def srv(http_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     images = tmp_path_factory.mktemp("images")
-    s = Server(http_home, ["--port", "0", "--model", CHAT, "--max-body-mb", "1",
+    s = Server(http_home, ["--port", "0", "--model", REAL, "--model", CHAT, "--max-body-mb", "1",
                            "--idle-unload", "0", "--images-dir", str(images)],
                env={"OVMS_PLUGIN_API_KEY": KEY})
     try:
@@ -165,7 +172,7 @@ def test_health_ready_and_the_api_key(srv: Server):
     assert r.status_code == 401 and r.json()["error"]["message"] == "incorrect API key"
     r = srv.http.get("/ready")
     assert r.status_code == 200 and r.json()["status"] == "ready"
-    assert CHAT in r.json()["models"]  # preloaded by --model
+    assert {REAL, CHAT} <= set(r.json()["models"])  # preloaded by --model
     with pytest.raises(openai.AuthenticationError) as e:
         openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert e.value.status_code == 401
@@ -174,29 +181,38 @@ def test_health_ready_and_the_api_key(srv: Server):
 def test_models(srv: Server):
     client = srv.openai()
     models = {m.id: m for m in client.models.list()}
-    assert {CHAT, EMBED, RERANK, SD} <= set(models)
+    assert {REAL, CHAT, EMBED, RERANK, SD} <= set(models)
     m = models[CHAT]
     assert m.object == "model" and m.owned_by == "ovms-plugin" and m.created > 1.6e9
     assert client.models.retrieve(RERANK).id == RERANK
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
     aog = srv.http.get("/aog/v0.2/services/models").json()["models"]
-    assert {m["name"] for m in aog} >= {CHAT, SD} and all("details" in m for m in aog)
+    assert {m["name"] for m in aog} >= {REAL, CHAT, SD} and all("details" in m for m in aog)
 
 
 # --- OpenAI-compatible -------------------------------------------------------------------
 
 def test_chat_plain_and_streamed_with_usage(srv: Server):
     client = srv.openai()
-    kw = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me"}],
-          "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    # The answer ends with the model's own end token.
+    own = client.chat.completions.create(model=REAL, messages=question, max_tokens=10,
+                                         temperature=0)
+    assert own.choices[0].message.content == "The capital of France is Paris."
+    assert own.choices[0].finish_reason == "stop" and own.usage.completion_tokens < 10
+    # ignore_eos (an extra field) runs on past it to max_tokens.
+    kw = {"model": REAL, "messages": question, "max_tokens": 10, "temperature": 0,
+          "extra_body": {"ignore_eos": True}}
     raw = client.chat.completions.with_raw_response.create(**kw)
     assert raw.headers["X-Request-ID"]
     plain = raw.parse()
-    assert plain.object == "chat.completion" and plain.model == CHAT
+    assert plain.object == "chat.completion" and plain.model == REAL
     assert plain.choices[0].finish_reason == "length"
     assert plain.choices[0].message.role == "assistant" and plain.choices[0].message.content
-    assert plain.usage.completion_tokens == 12 and plain.usage.prompt_tokens > 0
+    assert plain.choices[0].message.content.startswith(own.choices[0].message.content)
+    assert plain.usage.completion_tokens == 10 and plain.usage.prompt_tokens > 0
+    assert plain.usage.prompt_tokens == own.usage.prompt_tokens
 
     chunks = list(client.chat.completions.create(
         **kw, stream=True, stream_options={"include_usage": True}))
@@ -206,7 +222,8 @@ def test_chat_plain_and_streamed_with_usage(srv: Server):
     assert text == plain.choices[0].message.content  # temperature 0: the same words
     *body, finish, last = chunks
     assert finish.choices[0].finish_reason == "length" and finish.usage is None
-    assert last.choices == [] and last.usage.completion_tokens == 12
+    assert last.choices == [] and last.usage.completion_tokens == 10
+    assert last.usage == plain.usage
     assert all(c.usage is None for c in body)
 
     plain_stream = list(client.chat.completions.create(**kw, stream=True))
@@ -215,7 +232,7 @@ def test_chat_plain_and_streamed_with_usage(srv: Server):
 
 def test_chat_stream_ends_with_done(srv: Server):
     with srv.http.stream("POST", "/v1/chat/completions",
-                         json=chat_body(max_tokens=4, stream=True)) as r:
+                         json=chat_body(model=REAL, max_tokens=4, stream=True)) as r:
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
@@ -224,11 +241,14 @@ def test_chat_stream_ends_with_done(srv: Server):
 
 def test_completions(srv: Server):
     client = srv.openai()
-    out = client.completions.create(model=CHAT, prompt="Once upon a time", max_tokens=6,
+    # No chat template here: the model continues the raw text.
+    prompt = "The capital of France is"
+    out = client.completions.create(model=REAL, prompt=prompt, max_tokens=6,
                                     temperature=0, extra_body={"ignore_eos": True})
     assert out.object == "text_completion" and out.choices[0].finish_reason == "length"
-    assert out.usage.completion_tokens == 6
-    chunks = list(client.completions.create(model=CHAT, prompt="Once upon a time",
+    assert out.usage.completion_tokens == 6 and out.usage.prompt_tokens == 5
+    assert out.choices[0].text.startswith(" Paris")
+    chunks = list(client.completions.create(model=REAL, prompt=prompt,
                                             max_tokens=6, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
@@ -289,11 +309,12 @@ AOG = "/aog/v0.2/services"
 
 
 def test_aog_chat_plain_and_streamed(srv: Server):
-    body = chat_body("Hi", max_tokens=10, temperature=0, ignore_eos=True)
+    body = chat_body("Hi", model=REAL, max_tokens=10, temperature=0, ignore_eos=True)
     out = srv.http.post(f"{AOG}/chat", json=body).json()
     assert set(out) >= {"id", "model", "created_at", "message", "finished", "finish_reason"}
     assert out["finished"] is True and out["finish_reason"] == "length"
     assert out["message"]["role"] == "assistant" and out["message"]["content"]
+    assert out["message"]["content"].startswith("Hello")  # the model greets back
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", out["created_at"])
     assert out["usage"]["completion_tokens"] == 10
     with srv.http.stream("POST", f"{AOG}/chat", json={**body, "stream": True}) as r:
@@ -303,17 +324,19 @@ def test_aog_chat_plain_and_streamed(srv: Server):
     assert [e["finished"] for e in events] == [False] * (len(events) - 1) + [True]
     assert events[-1]["finish_reason"] == "length" and events[-1]["usage"]
     assert "".join(e["message"]["content"] for e in events) == out["message"]["content"]
-    # AOG's model is optional: the preloaded chat model serves.
+    # AOG's model is optional: the first preloaded chat model serves.
     default = srv.http.post(f"{AOG}/chat", json={"messages": body["messages"],
-                                                 "max_tokens": 2}).json()
-    assert default["model"] == CHAT
+                                                 "max_tokens": 2, "temperature": 0}).json()
+    assert default["model"] == REAL
+    assert out["message"]["content"].startswith(default["message"]["content"])
 
 
 def test_aog_generate(srv: Server):
-    body = {"model": CHAT, "prompt": "The", "max_tokens": 5, "temperature": 0,
+    body = {"model": REAL, "prompt": "1, 2, 3, 4,", "max_tokens": 5, "temperature": 0,
             "ignore_eos": True}
     out = srv.http.post(f"{AOG}/generate", json=body).json()
     assert out["finished"] is True and out["response"] and out["finish_reason"] == "length"
+    assert out["response"].startswith(" 5, 6")  # the raw text continued, no chat template
     with srv.http.stream("POST", f"{AOG}/generate", json={**body, "stream": True}) as r:
         events = sse_events(r.iter_lines())
     assert "".join(e["response"] for e in events) == out["response"]
@@ -360,6 +383,7 @@ def test_aog_text_to_image(srv: Server):
     ("/v1/chat/completions", chat_body(model=BROKEN), 500, "model_load_failed", None),
 ])
 def test_error_statuses(srv: Server, path: str, body, status: int, code: str, param):
+    # The catalogue of refusals is plumbing: tiny-chat and its broken copy serve it.
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = srv.http.post(path, content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -408,6 +432,7 @@ def test_busy_model_gets_429_with_retry_after(srv: Server):
 
 
 # --- cancellation by disconnect ------------------------------------------------------------
+# (on tiny-chat: what is tested is that the request stops, whatever its weights say)
 
 def aborted(srv: Server, model: str = CHAT) -> float:
     return srv.value("ovms_llm_requests_finished", "ovms_llm_requests_finished_total",
@@ -552,8 +577,9 @@ def test_a_model_that_cannot_preload_stops_the_server(http_home: Path):
 
 def test_sigterm_unloads_every_model(srv: Server):
     workers = [p for p in descendants(srv.proc.pid) if pid_alive(p)]
-    assert len(workers) >= 4  # chat, embed, rerank, image (at least)
+    assert len(workers) >= 5  # real and tiny chat, embed, rerank, image (at least)
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(20) == 0
     assert wait_for(lambda: not any(pid_alive(p) for p in workers), 10)
     assert any("model tiny-chat unloaded" in line for line in srv.lines)
+    assert any(f"model {REAL} unloaded" in line for line in srv.lines)

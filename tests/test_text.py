@@ -1,5 +1,7 @@
 """Request validation, streaming detokenization (UTF-8 split across tokens) and stop
-strings, with the test model's real tokenizer."""
+strings, with real tokenizers: the real SmolLM2's (converted from its GGUF, the one users
+of the built-in default get) and the tiny test model's, whose vocabulary, trained on ASCII
+code, splits every other character into bytes (the hardest case for holding text back)."""
 
 from __future__ import annotations
 
@@ -7,22 +9,40 @@ from pathlib import Path
 
 import openvino_genai as ov_genai
 import pytest
+from conftest import CHAT, REAL
 
+from ovms_plugin import devmodels
 from ovms_plugin.service import text
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.text import Detokenizer, StopMatcher
 
+FOLDERS = {REAL: devmodels.SMOLLM2, CHAT: devmodels.TINY_CHAT}
+
 
 @pytest.fixture(scope="module")
-def tokenizer(test_models: dict[str, Path]):
-    return ov_genai.Tokenizer(str(test_models["tiny-chat"]))
+def tokenizers(test_models: dict[str, Path]) -> dict[str, ov_genai.Tokenizer]:
+    return {name: ov_genai.Tokenizer(str(test_models[model])) for name, model in FOLDERS.items()}
 
 
-def test_utf8_split_across_tokens_is_held_back(tokenizer):
+@pytest.fixture
+def tokenizer(tokenizers):
+    """tiny-chat's tokenizer: the fast detokenizer needs its tokenizer.json."""
+    return tokenizers[CHAT]
+
+
+@pytest.fixture(params=[REAL, CHAT])
+def any_tokenizer(request, tokenizers):
+    return tokenizers[request.param]
+
+
+def test_utf8_split_across_tokens_is_held_back(any_tokenizer):
+    tokenizer = any_tokenizer
     sample = "héllo 世界 🙂 naïve — ok"
     ids = tokenizer.encode(sample, add_special_tokens=False).input_ids.data[0].tolist()
-    # The byte-level vocabulary (trained on ASCII code) splits these characters into bytes.
+    # Byte-level vocabularies split these characters into bytes (tiny-chat's, trained on
+    # ASCII code, nearly all of them; SmolLM2's the CJK characters and the emoji).
     assert len(ids) > len(sample) // 2
+    assert any(tokenizer.decode([i]) in ("", "\ufffd") for i in ids)  # a part of a character
     detok = Detokenizer(tokenizer)
     pieces = [detok.push([i]) for i in ids]
     pieces.append(detok.flush())
@@ -31,7 +51,8 @@ def test_utf8_split_across_tokens_is_held_back(tokenizer):
     assert sum(1 for p in pieces if p) > 5  # still streamed piece by piece
 
 
-def test_detokenizer_flushes_an_incomplete_tail(tokenizer):
+def test_detokenizer_flushes_an_incomplete_tail(any_tokenizer):
+    tokenizer = any_tokenizer
     ids = tokenizer.encode("🙂", add_special_tokens=False).input_ids.data[0].tolist()
     assert len(ids) > 1
     detok = Detokenizer(tokenizer)
@@ -109,9 +130,12 @@ def test_fast_detokenizer_matches_openvino(tokenizer, test_models: dict[str, Pat
         assert out + detok.flush() == tokenizer.decode(seq)
 
 
-def test_fast_detokenizer_refuses_other_tokenizers(tmp_path: Path, tokenizer):
+def test_fast_detokenizer_refuses_other_tokenizers(tmp_path: Path, tokenizer, tokenizers,
+                                                   test_models: dict[str, Path]):
     from ovms_plugin.service.detok import load_checked
     (tmp_path / "tokenizer.json").write_text('{"decoder": {"type": "Metaspace"}, '
                                              '"model": {"type": "Unigram"}}')
     assert load_checked(tmp_path, tokenizer) is None
     assert load_checked(tmp_path / "missing", tokenizer) is None
+    # A model converted from a GGUF has no tokenizer.json: the OpenVINO detokenizer streams.
+    assert load_checked(test_models[devmodels.SMOLLM2], tokenizers[REAL]) is None
