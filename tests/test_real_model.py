@@ -106,3 +106,14 @@ def test_stop_strings_on_real_text(host: AogHost):
     assert choice["finish_reason"] == "stop"
     assert "France" not in choice["message"]["content"]
     assert choice["message"]["content"] in "The capital of "
+
+
+def test_sampling_without_a_seed_differs_and_with_one_repeats(host: AogHost):
+    """Each sampled request draws its own seed (GenAI's default seed is one for all)."""
+    question = user("Tell me a short story about a cat.")
+    free = {ask(host, question, temperature=1.0, max_tokens=24)["choices"][0]["message"][
+        "content"] for _ in range(3)}
+    assert len(free) > 1
+    seeded = {ask(host, question, temperature=1.0, max_tokens=24, seed=7)["choices"][0][
+        "message"]["content"] for _ in range(2)}
+    assert len(seeded) == 1

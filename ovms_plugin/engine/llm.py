@@ -10,6 +10,7 @@ is None, "stop" or "length".
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ def apply_request_config(gc: Any, p: dict[str, Any]) -> Any:
         gc.frequency_penalty = float(p["frequency_penalty"])
     if p.get("seed") is not None:
         gc.rng_seed = int(p["seed"]) & 0xFFFFFFFF
+    elif gc.do_sample:  # without a seed every sampled request draws its own (GenAI's
+        gc.rng_seed = secrets.randbits(32)  # default seed is the same for all of them)
     if p.get("ignore_eos"):
         gc.ignore_eos = True
     gc.num_return_sequences = 1
