@@ -49,3 +49,28 @@ def test_catalog_lists_every_service():
     for service in ("chat", "embed", "rerank", "text-to-image"):
         assert service in r.stdout
     assert "OpenVINO/stable-diffusion-v1-5-fp16-ov" in r.stdout  # AOG's own default
+
+
+def test_ctrl_c_during_a_pull_says_cancelled_and_keeps_the_bytes(tmp_path: Path,
+                                                                 test_models: dict[str, Path]):
+    import signal
+    import time
+    models = tmp_path / "models"
+    with HubServer() as hub:
+        hub.add_repo("OpenVINO/tiny-chat-ov", test_models["tiny-chat"])
+        hub.throttle("openvino_model.bin", 100_000)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ovms_plugin", "--models-dir", str(models), "pull",
+             "OpenVINO/tiny-chat-ov"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "HF_ENDPOINT": hub.endpoint})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(models.rglob("*.bin.part")):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "cancelled" in err and "pulling again resumes" in err
+    assert "Traceback" not in err
+    parts = list(models.rglob("*.bin.part"))
+    assert parts and parts[0].stat().st_size > 0
