@@ -211,7 +211,12 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         def run() -> None:
             try:
                 req = pull_mod.PullRequest.from_json(_body(raw, "request_json"))
-                pull_mod.pull(self.rt.store, req, progress, cancel)
+                req.loaded_task = self.rt.loaded_task
+                entry = pull_mod.pull(self.rt.store, req, progress, cancel)
+                # A loaded model pulled again: swap to the new version now, not at the next
+                # request (ListModels and GetRunningModels agree at once).
+                if entry.name in self.rt.models:
+                    asyncio.run_coroutine_threadsafe(self.rt.refresh(entry.name), loop)
             except (StoreError, ServiceError) as e:
                 log.info("pull failed: %s", e)
                 progress({"error": errors.public(str(e))})

@@ -4,8 +4,13 @@ them. Protocol adapters (AOG gRPC, HTTP) call this and nothing below it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import pickle
+import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
@@ -20,6 +25,7 @@ from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
 from ovms_plugin.store.store import (
+    MANIFEST,
     ModelEntry,
     ModelNotFound,
     ModelStore,
@@ -43,6 +49,17 @@ class LoadedModel:
     fallbacks: list[str] = field(default_factory=list)  # devices that failed first, and why
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    stamp: tuple[int, int] | None = None  # the manifest file it was loaded from
+
+
+def _stamp(entry: ModelEntry) -> tuple[int, int] | None:
+    """Identity of a model folder's manifest (inode, mtime): it changes when the model is
+    installed again, and is None once the folder is gone. One stat call."""
+    try:
+        st = os.stat(entry.path / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 class Runtime:
@@ -68,18 +85,29 @@ class Runtime:
 
     async def load(self, name: str) -> LoadedModel:
         """Starts the model's engine; nearly free when it is already running. A model
-        whose worker died is started again."""
+        whose worker died is started again. A model whose folder changed in the store (pulled
+        again, here or by another process) is swapped: new requests go to the new version
+        once it has started, requests in flight finish on the old one; a model removed from
+        the store stops being served."""
         lm = self.models.get(name)
-        if lm is not None and lm.client.alive:
+        if lm is not None and lm.client.alive and _stamp(lm.entry) == lm.stamp:
             lm.last_used = time.monotonic()
             return lm
-        self.entry(name)  # only installed models get a lock: unknown names keep nothing
+        if lm is None:
+            self.entry(name)  # only installed models get a lock: unknown names keep nothing
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             lm = self.models.get(name)
             if lm is not None and lm.client.alive:
-                return lm
-            if lm is not None:
+                stamp = _stamp(lm.entry)
+                if stamp == lm.stamp:
+                    return lm
+                self.models.pop(name)
+                why = "it was removed from the store" if stamp is None else \
+                    "a new version was installed"
+                log.info("model %s: %s; its running engine finishes what it has", name, why)
+                asyncio.get_running_loop().create_task(self._retire(lm))
+            elif lm is not None:
                 log.warning("restarting model %s: %s", name, lm.client.dead_reason)
                 await lm.client.stop()
                 del self.models[name]
@@ -161,7 +189,7 @@ class Runtime:
                      time.monotonic() - started,
                      f" (after: {'; '.join(fallbacks)})" if fallbacks else "")
             lm = LoadedModel(entry, client, ms, context=entry.context_length(),
-                             memory_bytes=need, fallbacks=fallbacks)
+                             memory_bytes=need, fallbacks=fallbacks, stamp=_stamp(entry))
             lm.tokenizer = tokenizer
             if tokenizer is not None:
                 lm.counter = TokenCounter(tokenizer)
@@ -203,6 +231,27 @@ class Runtime:
             f"memory budget of {settings_mod.memory_budget_bytes() / 2**30:.2f} GB, after "
             f"{len(self.models)} busy model(s)); unload models or raise memory_budget",
             errors.RESOURCE_EXHAUSTED)
+
+    async def _retire(self, lm: LoadedModel, patience: float = 600.0) -> None:
+        """Stops an engine that no longer serves new requests, once its requests in flight
+        have finished (at most `patience` seconds)."""
+        deadline = time.monotonic() + patience
+        while lm.client.in_flight and lm.client.alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await lm.client.stop()
+
+    async def refresh(self, name: str) -> None:
+        """Swaps a loaded model to what the store now holds (see load); errors are logged."""
+        if name in self.models:
+            try:
+                await self.load(name)
+            except ServiceError as e:
+                log.warning("model %s could not be swapped to its new version: %s", name, e)
+
+    def loaded_task(self, name: str) -> str | None:
+        """The task of a loaded model (a pull must not change it under that name)."""
+        lm = self.models.get(name)
+        return lm.entry.task if lm is not None else None
 
     async def unload(self, name: str) -> bool:
         lm = self.models.pop(name, None)
