@@ -203,3 +203,70 @@ def scheduler_config(device: str, ms: ModelSettings, model_bytes: int,
     if "num_kv_blocks" in ms.scheduler:
         scheduler.pop("cache_size", None)
     return scheduler
+
+
+def _seconds(name: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name} must be a number of seconds, got {value!r}") from None
+    if seconds < 0 or seconds != seconds:
+        raise SettingsError(f"{name} must be 0 or more seconds, got {value!r}")
+    return seconds
+
+
+DEFAULT_ENGINE_STALL_SECONDS = 60.0
+DEFAULT_IMAGE_STALL_SECONDS = 180.0
+
+
+def engine_stall_seconds(kind: str, model: str = "", data: dict | None = None) -> float:
+    """How long an engine worker with requests in flight may go without any sign of
+    progress (an output, a heartbeat, CPU time spent) before the watchdog reports it,
+    fails its requests, kills it and starts it again; 0 turns the watchdog off.
+    `engine_stall_seconds` (default 60) for LLM, embedding and rerank engines,
+    `image_stall_seconds` (default 180; images report progress per denoising step) for
+    image engines, a model's own `engine_stall_seconds`, and env
+    OVMS_PLUGIN_ENGINE_STALL_SECONDS over all of them. A worker still loading gets five
+    times the limit."""
+    env = os.environ.get("OVMS_PLUGIN_ENGINE_STALL_SECONDS")
+    if env:
+        return _seconds("OVMS_PLUGIN_ENGINE_STALL_SECONDS", env)
+    data = load_file() if data is None else data
+    per_model = ((data.get("models") or {}).get(model) or {}) if model else {}
+    if per_model.get("engine_stall_seconds") is not None:
+        return _seconds("engine_stall_seconds", per_model["engine_stall_seconds"])
+    if kind == "image":
+        return _seconds("image_stall_seconds",
+                        data.get("image_stall_seconds", DEFAULT_IMAGE_STALL_SECONDS))
+    return _seconds("engine_stall_seconds",
+                    data.get("engine_stall_seconds", DEFAULT_ENGINE_STALL_SECONDS))
+
+
+PLUGIN_DRAIN_SECONDS = 1.0
+PLUGIN_DRAIN_MAX = 1.2  # AOG SIGKILLs the plugin 2 s after Shutdown
+SERVE_DRAIN_SECONDS = 5.0
+
+
+def shutdown_drain_seconds(plugin: bool, data: dict | None = None) -> float:
+    """How long running requests get to finish on shutdown (SIGTERM, or Shutdown from AOG)
+    before each is ended with an error: `shutdown_drain_seconds` or env
+    OVMS_PLUGIN_DRAIN_SECONDS; default 1 s for the plugin (at most 1.2 s: AOG kills it
+    2 s after Shutdown) and 5 s for `serve` (whose --drain flag overrides both)."""
+    data = load_file() if data is None else data
+    value = os.environ.get("OVMS_PLUGIN_DRAIN_SECONDS") or data.get("shutdown_drain_seconds")
+    if value is None:
+        return PLUGIN_DRAIN_SECONDS if plugin else SERVE_DRAIN_SECONDS
+    seconds = _seconds("shutdown_drain_seconds", value)
+    return min(seconds, PLUGIN_DRAIN_MAX) if plugin else seconds
+
+
+DEFAULT_BODY_TIMEOUT = 30.0
+
+
+def body_timeout_seconds(data: dict | None = None) -> float:
+    """`serve`: how long a request body may take to arrive in full before the request is
+    answered 408 and its connection closed (`body_timeout_seconds`, env
+    OVMS_PLUGIN_BODY_TIMEOUT, flag --body-timeout; default 30 s, 0: no limit)."""
+    data = load_file() if data is None else data
+    value = os.environ.get("OVMS_PLUGIN_BODY_TIMEOUT") or data.get("body_timeout_seconds")
+    return DEFAULT_BODY_TIMEOUT if value is None else _seconds("body_timeout_seconds", value)

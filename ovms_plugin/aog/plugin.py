@@ -1,6 +1,13 @@
 """Plugin mode: what AOG launches. Checks the go-plugin handshake environment, starts the
 gRPC server on loopback, prints the handshake line, then serves until Shutdown/SIGTERM.
 
+Shutdown (the Shutdown RPC or SIGTERM): new requests are refused (code 14) and HealthCheck
+fails; running requests get `shutdown_drain_seconds` (default 1 s, at most 1.2 s: AOG
+SIGKILLs the plugin 2 s after Shutdown) to finish, then each still running ends with a
+final message carrying code 14 and "the plugin is shutting down"; then the engine workers
+are killed and the process exits. Meanwhile engines that die or stall are restarted on
+their own (Runtime.supervise).
+
 Only light modules are imported before the handshake line; OpenVINO is imported after it.
 """
 
@@ -100,6 +107,19 @@ def _bind(server: grpc.aio.Server, env: dict[str, str]) -> int:
     return port
 
 
+SHUTDOWN_REASON = ("the plugin is shutting down; this request was stopped before it "
+                   "finished (retry once the plugin is back)")
+
+
+def _drain_seconds() -> float:
+    from ovms_plugin import settings
+    try:
+        return settings.shutdown_drain_seconds(plugin=True)
+    except settings.SettingsError as e:
+        log.warning("%s; using %.1f s", e, settings.PLUGIN_DRAIN_SECONDS)
+        return settings.PLUGIN_DRAIN_SECONDS
+
+
 async def serve(models_dir: Path | None = None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
     shutdown = asyncio.Event()
@@ -131,10 +151,18 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
     # Import OpenVINO now, in the background, so the first real call does not pay for it.
     check = asyncio.create_task(engine_check.check())
     idle = asyncio.create_task(_unload_idle(runtime))
+    supervisor = asyncio.create_task(runtime.supervise())
     await shutdown.wait()
     idle.cancel()
-    log.info("shutting down")
-    runtime.kill_all()  # workers hold no state worth saving; AOG gives us 2 s in all
+    supervisor.cancel()
+    drain = _drain_seconds()
+    log.info("shutting down: %d request(s) running, given up to %.1f s to finish",
+             runtime.requests_in_flight(), drain)
+    await health_servicer.set("plugin", health_pb2.HealthCheckResponse.NOT_SERVING)
+    # AOG gives us 2 s in all after Shutdown: the drain, the final error messages (0.3 s at
+    # most), then the workers (they hold no state worth saving) and the server.
+    await runtime.drain(drain, SHUTDOWN_REASON, settle=0.3)
+    runtime.kill_all()
     await asyncio.gather(runtime.unload_all(), server.stop(grace=0.3))
     check.cancel()
     return 0

@@ -2,6 +2,14 @@
 step's outputs to the waiting coroutines, and notices when the worker dies.
 
 Every loaded model has one EngineClient; protocol adapters never talk to workers directly.
+
+The watchdog: while a worker has requests in flight (or is loading), any message from it
+(outputs, metrics, heartbeats) or CPU time it spends (read from /proc on Linux: a long
+step that holds the GIL sends nothing, but computes) counts as progress. A worker with no
+progress for `engine_stall_seconds` (settings; five times that while loading), or one
+stopped (SIGSTOP) that long even when idle, is reported in the log, its requests fail with
+"stopped responding ... being restarted" (code 14, HTTP 503), and it is killed; the runtime's
+supervisor (Runtime.supervise) starts it again.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ import logging
 import os
 import socket
 import sys
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from ovms_plugin import settings
 from ovms_plugin.engine import ipc
 
 log = logging.getLogger(__name__)
@@ -47,8 +58,35 @@ class Output:
     finish: str | None
 
 
+LOAD_STALL_FACTOR = 5  # a loading worker gets this many stall limits (compiling is slow)
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_state(pid: int) -> tuple[str, float] | None:
+    """(state letter, CPU seconds of all its threads) of a process, from /proc on Linux;
+    None elsewhere or when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stall_limit(kind: str, name: str) -> float:
+    try:
+        return settings.engine_stall_seconds(kind, name)
+    except settings.SettingsError as e:
+        log.warning("%s; using %.0f s", e, settings.DEFAULT_ENGINE_STALL_SECONDS)
+        return settings.DEFAULT_ENGINE_STALL_SECONDS
+
+
 class EngineClient:
     _ids = itertools.count(1)
+    # Per model, over every client it had: "stalls" (killed by the watchdog), "deaths" (the
+    # worker exited on its own), "restarts" (a worker started again after either).
+    events: ClassVar[Counter[tuple[str, str]]] = Counter()
+    _lost: ClassVar[set[str]] = set()  # models whose worker stalled or died, not yet back
 
     def __init__(self, name: str, kind: str, model_dir: Path, config: dict[str, Any],
                  max_in_flight: int) -> None:
@@ -66,6 +104,12 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self.dead_reason: str | None = None
         self.stopping = False
+        self.refusing: str | None = None  # set on shutdown: new requests get this error
+        self.stall_seconds = _stall_limit(kind, name)
+        self.stalled = False
+        self.loading = False
+        self._last_sign = time.monotonic()  # the last sign of progress from the worker
+        self._watch_task: asyncio.Task | None = None
 
     @property
     def in_flight(self) -> int:
@@ -76,9 +120,15 @@ class EngineClient:
         return self.dead_reason is None and self.proc is not None and \
             self.proc.returncode is None
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker owes us anything: requests in flight or metrics."""
+        return bool(self._queues or self._metric_waiters)
+
     async def start(self) -> dict[str, Any]:
         """Starts the worker and waits until its pipeline is loaded."""
         parent, child = socket.socketpair()
+        beat = self._tick() if self.stall_seconds > 0 else 0.0
         try:
             # Spawned from the event loop's (main) thread: the worker's parent-death signal
             # fires when the thread that forked it ends.
@@ -86,26 +136,38 @@ class EngineClient:
                 sys.executable, "-m", "ovms_plugin.engine.worker",
                 "--fd", str(child.fileno()), "--kind", self.kind,
                 "--model-dir", str(self.model_dir), "--config", json.dumps(self.config),
-                "--parent-pid", str(os.getpid()), "--name", self.name,
+                "--parent-pid", str(os.getpid()), "--name", self.name, "--beat", str(beat),
                 pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         finally:
             child.close()
         self._tasks.append(asyncio.create_task(self._relay_stderr()))
+        self.loading = True
+        self._last_sign = time.monotonic()
+        if self.stall_seconds > 0:
+            self._watch_task = asyncio.create_task(self._watch())
         reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         try:
-            msg = await ipc.read(reader)
+            while (msg := await ipc.read(reader))[0] == "beat":
+                self._last_sign = time.monotonic()
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self.proc.wait()
-            self.dead_reason = f"engine worker exited with code {code} while loading"
+            self._stop_watch()
+            self.dead_reason = self.dead_reason or \
+                f"engine worker exited with code {code} while loading"
             raise EngineError(f"loading model {self.name!r} failed: {self.dead_reason} "
                               "(see the plugin log)", code=3003) from None
+        finally:
+            self.loading = False
         if msg[0] != "ready":
             await self.stop()
             self.dead_reason = msg[1]
             raise EngineError(f"loading model {self.name!r} failed: {msg[1]}", code=3003)
         self.info = msg[1]
         self._tasks.append(asyncio.create_task(self._read_loop(reader)))
+        if self.name in EngineClient._lost:
+            EngineClient._lost.discard(self.name)
+            EngineClient.events[(self.name, "restarts")] += 1
         return self.info
 
     async def _relay_stderr(self) -> None:
@@ -119,6 +181,7 @@ class EngineClient:
         try:
             while True:
                 msg = await ipc.read(reader)
+                self._last_sign = time.monotonic()
                 if msg[0] == "out":
                     for req_id, result, finish, error in msg[1]:
                         q = self._queues.get(req_id)
@@ -131,16 +194,86 @@ class EngineClient:
         except (asyncio.IncompleteReadError, ConnectionError, EOFError):
             pass
         code = await self.proc.wait() if self.proc else None
-        if not self.stopping:
+        self._stop_watch()
+        if not self.stopping and self.dead_reason is None:
             self.dead_reason = (f"the engine worker of model {self.name!r} died (exit code "
-                                f"{code}); the next LoadModel or request restarts it")
+                                f"{code}); it is being restarted")
             log.error(self.dead_reason)
-        reason = self.dead_reason or f"model {self.name!r} was unloaded"
+            EngineClient.events[(self.name, "deaths")] += 1
+            EngineClient._lost.add(self.name)
+        self._fail_all(self.dead_reason or f"model {self.name!r} was unloaded")
+
+    def _fail_all(self, reason: str) -> int:
+        """Ends every request in flight, and every metrics call, with `reason` (code 14)."""
         for q in self._queues.values():
-            q.put_nowait((None, "error", reason))
+            q.put_nowait((None, "error", EngineDied(reason)))
         for fut in self._metric_waiters.values():
             if not fut.done():
                 fut.set_exception(EngineDied(reason))
+        return len(self._queues)
+
+    # --- the watchdog --------------------------------------------------------------------
+
+    def _tick(self) -> float:
+        return min(1.0, max(0.05, self.stall_seconds / 4))
+
+    async def _watch(self) -> None:
+        """Kills the worker when it makes no progress for the stall limit while it has work
+        (or is loading), or when it stays stopped that long. See the module's docstring."""
+        assert self.proc is not None
+        proc, tick = self.proc, self._tick()
+        last_tick = time.monotonic()
+        prev = proc_state(proc.pid)
+        stopped_since: float | None = None
+        while proc.returncode is None and self.dead_reason is None and not self.stopping:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - last_tick > 2 * tick + 1.0:
+                # This event loop itself was held up: nobody watched, nothing is known.
+                self._last_sign = now
+                stopped_since = None
+            last_tick = now
+            state = proc_state(proc.pid)
+            stopped = state is not None and state[0] in "Tt"
+            if stopped:
+                stopped_since = stopped_since or now
+            else:
+                stopped_since = None
+                if state and prev and state[1] - prev[1] >= 0.05 * tick:
+                    self._last_sign = now  # computing: a long step, not a hang
+            prev = state
+            limit = self.stall_seconds * (LOAD_STALL_FACTOR if self.loading else 1)
+            quiet = now - self._last_sign
+            if (self.loading or self.busy) and quiet >= limit:
+                self._trip(quiet, stopped)
+            elif stopped_since is not None and now - stopped_since >= limit:
+                self._trip(now - stopped_since, stopped)
+
+    def _trip(self, quiet: float, stopped: bool) -> None:
+        if self.proc is None or self.proc.returncode is not None or self.stopping:
+            return
+        how = "its process is stopped" if stopped else "no output, heartbeat or CPU use"
+        what = "while loading" if self.loading else f"with {self.in_flight} request(s) in flight"
+        log.error("model %s: the engine worker (pid %d) made no progress for %.1f s %s (%s); "
+                  "killing it%s", self.name, self.proc.pid, quiet, what, how,
+                  "" if self.loading else " and restarting the engine")
+        self.stalled = True
+        if self.loading:
+            self.dead_reason = (f"the engine worker stopped responding while loading (no "
+                                f"progress for {quiet:.0f} s)")
+        else:
+            self.dead_reason = (f"the engine of model {self.name!r} stopped responding (no "
+                                f"progress for {quiet:.0f} s); it is being restarted, retry "
+                                "shortly")
+            EngineClient._lost.add(self.name)
+        EngineClient.events[(self.name, "stalls")] += 1
+        self._fail_all(self.dead_reason)
+        self.proc.kill()  # SIGKILL ends a stopped process too
+
+    def _stop_watch(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     def _send(self, msg: Any) -> None:
         if not self.alive or self._writer is None:
@@ -159,11 +292,15 @@ class EngineClient:
     async def submit(self, payload: Any) -> AsyncIterator[Output]:
         """Runs one request; yields its outputs until it finishes. Leaving the iteration
         early (cancellation, client gone, stop string) aborts it in the engine."""
+        if self.refusing:
+            raise EngineDied(self.refusing)
         if self.in_flight >= self.max_in_flight:
             raise EngineBusy(f"model {self.name!r} is busy: {self.in_flight} requests are "
                              "already running or waiting; retry shortly")
         req_id = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
+        if not self.busy:  # the watchdog's clock starts with the work
+            self._last_sign = time.monotonic()
         self._queues[req_id] = q
         finished = False
         try:
@@ -178,6 +315,8 @@ class EngineClient:
                         result = result + more
                 if error is not None:
                     finished = True
+                    if isinstance(error, EngineError):
+                        raise error
                     raise EngineError(error) if self.alive else EngineDied(error)
                 if finish is not None:
                     finished = True
@@ -192,6 +331,8 @@ class EngineClient:
     async def metrics(self, timeout: float = 5.0) -> dict[str, Any]:
         token = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
+        if not self.busy:
+            self._last_sign = time.monotonic()
         self._metric_waiters[token] = fut
         try:
             self._send(("metrics", token))
@@ -199,9 +340,22 @@ class EngineClient:
         finally:
             self._metric_waiters.pop(token, None)
 
+    def refuse(self, reason: str) -> None:
+        """From now on, new requests fail with `reason` (code 14); running ones go on."""
+        self.refusing = reason
+
+    def cut(self, reason: str) -> int:
+        """Ends the requests in flight with `reason` (code 14), aborting them in the engine;
+        returns how many there were."""
+        if self.alive and self._writer is not None:
+            for req_id in self._queues:
+                self._send(("abort", req_id))
+        return self._fail_all(reason)
+
     async def stop(self, timeout: float = 1.0) -> None:
         """Asks the worker to exit, then kills it if it has not within `timeout`."""
         self.stopping = True
+        self._stop_watch()
         if self.proc is None:
             return
         if self.proc.returncode is None:
@@ -225,5 +379,7 @@ class EngineClient:
                 t.cancel()
 
     def kill(self) -> None:
+        self.stopping = True
+        self._stop_watch()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()

@@ -5,6 +5,12 @@ Started by the front end (engine.client) as
 with stdout on /dev/null and stderr on a pipe the front end reads, never the plugin's own
 stdout/stderr (AOG's shutdown waits for EOF on those). It dies with its parent: a
 parent-death signal, and EOF on the engine socket.
+
+While it has work, a heartbeat thread tells the front end it is alive when the loop went
+quiet (a prefill chunk gives no tokens, an image's last phase no step) but is still making
+progress: the loop moved on since the last beat, or the process spent CPU time. A loop stuck
+without using the CPU (or a stopped process) sends nothing, and the front end's watchdog
+(engine.client) restarts the worker. `--beat 0` turns the heartbeat off.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +33,6 @@ from ovms_plugin.logs import setup_logging
 from ovms_plugin.procs import die_with_parent
 
 log = logging.getLogger("ovms_plugin.worker")
-
 
 
 class Engine(Protocol):
@@ -65,10 +71,41 @@ class _Sender:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self.last = time.monotonic()  # when the front end last heard from us
 
     def __call__(self, msg: Any) -> None:
         with self.lock:
             ipc.send(self.sock, msg)
+            self.last = time.monotonic()
+
+
+class _Progress:
+    """What the heartbeat reads of the loop: whether it waits for work, and a counter it
+    moves on every turn and every mid-step report (plain attributes: the GIL keeps them
+    whole)."""
+
+    def __init__(self) -> None:
+        self.idle = False  # loading counts as busy
+        self.count = 0
+
+
+def _heartbeat(send: _Sender, progress: _Progress, every: float) -> None:
+    """Sends ("beat",) every `every` seconds while the loop has work but sent nothing for
+    that long, and only when it is making progress: its counter moved, or the process used
+    at least 5 % of a core (a long step computing, possibly holding the GIL between
+    beats). A loop hung without computing, or a stopped process, sends no beat."""
+    count, cpu = progress.count, time.process_time()
+    while True:
+        time.sleep(every)
+        now_count, now_cpu = progress.count, time.process_time()
+        moving = now_count != count or now_cpu - cpu >= 0.05 * every
+        count, cpu = now_count, now_cpu
+        if progress.idle or not moving or time.monotonic() - send.last < every:
+            continue
+        try:
+            send(("beat",))
+        except OSError:
+            return
 
 
 def _reader(sock: socket.socket, inbox: queue.SimpleQueue, engine_ref: list,
@@ -92,15 +129,23 @@ def _reader(sock: socket.socket, inbox: queue.SimpleQueue, engine_ref: list,
     os._exit(0)
 
 
-def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue) -> None:
+def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
+          progress: _Progress | None = None) -> None:
     """The loop: take new messages (blocking only when idle), step, send what came out."""
+    progress = progress or _Progress()
     if hasattr(engine, "emit"):  # engines that report progress in the middle of a step
-        engine.emit = lambda outs: send(("out", outs))
+        def emit(outs: list[tuple]) -> None:
+            progress.count += 1
+            send(("out", outs))
+        engine.emit = emit
 
     while True:
+        progress.count += 1
         msgs = []
         if not engine.has_work():
+            progress.idle = True
             msgs.append(inbox.get())
+            progress.idle = False
         while True:
             try:
                 msgs.append(inbox.get_nowait())
@@ -136,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}")
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--name", default="")
+    parser.add_argument("--beat", type=float, default=0.0,
+                        help="heartbeat interval in seconds while busy (0: none)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in AOG's terminal is not for us
@@ -144,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     engine_ref: list = []
     send = _Sender(sock)
+    progress = _Progress()
     threading.Thread(target=_reader, args=(sock, inbox, engine_ref, send), daemon=True).start()
+    if args.beat > 0:
+        threading.Thread(target=_heartbeat, args=(send, progress, args.beat),
+                         daemon=True).start()
     try:
         engine = make_engine(args.kind, args.model_dir, json.loads(args.config))
     except Exception as e:
@@ -153,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     send(("ready", engine.info()))
     engine_ref.append(engine)
-    serve(engine, send, inbox)
+    serve(engine, send, inbox, progress)
     return 0
 
 

@@ -3,6 +3,7 @@ events out, and errors in OpenAI's shape `{"error": {"message", "type", "param",
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -91,13 +92,28 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=_dumps)
 
 
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds a body may take to arrive; 0: any
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object. Too large a body is refused (413) before it is read when
-    its length is declared, and while reading when it is not."""
+    its length is declared, and while reading when it is not. A body that has not arrived
+    in full within the app's BODY_TIMEOUT is refused (408) and its connection closed: a
+    client that stalls mid-body holds nothing for long."""
     limit = request.app[STATE].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()
+    timeout = request.app.get(BODY_TIMEOUT) or None
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        # The rest of the body is neither waited for (aiohttp would linger reading it) nor
+        # taken: the connection ignores further data and closes after the answer.
+        request.protocol.close()
+        request.content.feed_eof()
+        raise web.HTTPRequestTimeout(
+            text=f"the request body did not arrive in full within {timeout:g} s") from None
     if not raw.strip():
         raise invalid("the request body is empty; send a JSON object")
     body = errors.parse_json(raw)
@@ -141,6 +157,17 @@ async def sse_response(request: web.Request, events: AsyncIterator[dict[str, Any
         except ConnectionError:  # the client went away while we wrote
             request[CLIENT_GONE] = True
             return resp
+        except asyncio.CancelledError:
+            # Cancelled by the server's shutdown (after its drain), not by a client gone:
+            # the stream still ends with an error event, then properly.
+            reason = request.app[RUNTIME].shutdown_reason()
+            task = asyncio.current_task()
+            if reason is None or request.get(CLIENT_GONE) or not resp.prepared or \
+                    task is None or task.cancelling() > 1:
+                raise
+            task.uncancel()
+            await _write_quietly(request, resp, sse(error_body(503, reason,
+                                                               code="engine_unavailable")))
         except ServiceError as e:
             status, body, _ = service_error_parts(e)
             log.info("stream ended with an error (HTTP %d): %s", status, e.message)

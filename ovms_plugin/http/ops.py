@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ovms_plugin import engine_check
 from ovms_plugin.http.common import (
+    BODY_TIMEOUT,
     CLIENT_GONE,
     MODEL,
     REQUEST_ID,
@@ -104,6 +105,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(413, f"the request body is larger than this server accepts "
                                    f"({limit} bytes; see --max-body-mb)",
                               code="request_too_large")
+    except web.HTTPRequestTimeout:
+        seconds = request.app.get(BODY_TIMEOUT) or 0
+        resp = error_response(408, f"the request body did not arrive in full within "
+                                   f"{seconds:g} s (see --body-timeout); send the whole body "
+                                   "at once", code="request_timeout")
+        resp.force_close()  # the rest of the body is not read: the connection ends here
+        return resp
     except web.HTTPNotFound:
         return error_response(404, f"no route {request.method} {request.path}; see /v1/models, "
                                    "/v1/chat/completions, /aog/v0.2/services/<service>",
@@ -133,7 +141,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready: preloading is done, OpenVINO imports, and every loaded model's engine runs."""
+    """Ready: preloading is done, OpenVINO imports, every loaded model's engine runs (none is
+    dead, stalled or being restarted), and the server is not shutting down."""
     state, rt = request.app[STATE], request.app[RUNTIME]
     if state.preload_error:
         return json_response({"status": "unavailable", "reason": state.preload_error}, 503)
@@ -143,15 +152,34 @@ async def ready(request: web.Request) -> web.Response:
     ok, why = await engine_check.check()
     if ok:
         ok, why = rt.health()
+    lost = [n for n in state.pinned if n not in rt.models and n not in rt.restarting()]
+    if ok and lost:  # a preloaded model whose engine could not be started again
+        ok, why = False, (f"model(s) {', '.join(lost)} should be loaded but are not: their "
+                          "engine died and could not be restarted (see the log); the next "
+                          "request for them loads them again")
     body = {"status": "ready" if ok else "unavailable", "reason": why,
             "models": sorted(rt.models)}
+    if rt.restarting():
+        body["restarting"] = rt.restarting()
     return json_response(body, 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     out = Exposition()
     request.app[STATE].metrics.export(out)
-    export_models(out, await request.app[RUNTIME].running())
+    rt = request.app[RUNTIME]
+    export_models(out, await rt.running())
+    restarting = set(rt.restarting())
+    for model, events in sorted(rt.engine_events().items()):
+        labels = {"model": model}
+        out.counter("engine_stalls_total", "Engine workers the watchdog found stalled (no "
+                    "progress for engine_stall_seconds) and killed.", labels, events["stalls"])
+        out.counter("engine_deaths_total", "Engine workers that exited on their own.", labels,
+                    events["deaths"])
+        out.counter("engine_restarts_total", "Engine workers started again after a stall or "
+                    "death.", labels, events["restarts"])
+        out.gauge("engine_restarting", "1 while the model's engine is being restarted.",
+                  labels, 1 if model in restarting else 0)
     return web.Response(body=out.render().encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

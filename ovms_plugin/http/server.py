@@ -2,8 +2,9 @@
 OpenAI-compatible and an AOG-compatible HTTP API, without AOG.
 
 One asyncio process with aiohttp; every model runs in its own engine worker, as in plugin
-mode (the front end never runs a model). Routes: routes_openai.py, routes_aog.py and
-ops.py (/health, /ready, /metrics).
+mode (the front end never runs a model). Routes: routes_openai.py, routes_aog.py,
+routes_ollama.py (Ollama's /api/...) and ops.py (/health, /ready, /metrics); cors.py answers
+browsers (off unless --cors-origins, $OVMS_PLUGIN_CORS_ORIGINS or the cors_origins setting).
 
 Behaviour:
 - binds to 127.0.0.1 unless told otherwise; listens first, then preloads the named models
@@ -21,27 +22,36 @@ Behaviour:
 - a client that disconnects cancels its request in the engine, streamed or not: aiohttp
   cancels the handler when the connection is lost (handler_cancellation=True), and a
   stream's write to a closed connection ends it too.
-- SIGTERM or SIGINT (or cancelling serve()) stops accepting, gives running requests a few
-  seconds, then unloads every model: no engine worker outlives the server.
+- a request body that has not arrived in full after --body-timeout seconds (default 30) is
+  answered 408 and its connection closed.
+- an engine worker that dies, or that the watchdog finds stalled (engine.client), is
+  restarted on its own; /ready answers 503 until it is back.
+- SIGTERM or SIGINT (or cancelling serve()) stops accepting and refuses new requests (503),
+  gives running ones --drain seconds (default 5) to finish, ends each still running with an
+  error (a stream: an SSE error event, then `[DONE]` where the API has it), then unloads
+  every model: no engine worker outlives the server.
+- a port already in use (or otherwise not bindable) is one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
-from ovms_plugin import paths
-from ovms_plugin.http import ops, routes_aog, routes_openai
-from ovms_plugin.http.common import RUNTIME, STATE, ServerState
+from ovms_plugin import paths, settings
+from ovms_plugin.http import cors, ops, routes_aog, routes_ollama, routes_openai
+from ovms_plugin.http.common import BODY_TIMEOUT, RUNTIME, STATE, ServerState
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store.store import ModelStore
@@ -52,19 +62,27 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_IDLE_UNLOAD = 600.0  # seconds
 DEFAULT_MAX_BODY_MB = 16.0
-SHUTDOWN_GRACE = 3.0  # seconds running requests get to finish on shutdown
+CUT_GRACE = 1.0  # seconds requests ended on shutdown get to send their error
 API_KEY_ENV = "OVMS_PLUGIN_API_KEY"
+SHUTDOWN_REASON = ("the server is shutting down; this request was stopped before it "
+                   "finished (retry once the server is back)")
 
 
-def create_app(runtime: Runtime, state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[ops.access, ops.auth, ops.errors],
+def create_app(runtime: Runtime, state: ServerState,
+               body_timeout: float = settings.DEFAULT_BODY_TIMEOUT,
+               cors_origins: Sequence[str] = (),
+               idle_unload: float = DEFAULT_IDLE_UNLOAD) -> web.Application:
+    app = web.Application(middlewares=[ops.access, cors.middleware, ops.auth, ops.errors],
                           client_max_size=state.max_body_bytes)
     app[RUNTIME] = runtime
     app[STATE] = state
+    app[BODY_TIMEOUT] = float(body_timeout)
     app.on_response_prepare.append(ops.add_request_id)
     ops.add_routes(app)
     routes_openai.add_routes(app)
     routes_aog.add_routes(app)
+    routes_ollama.add_routes(app, idle_unload)
+    cors.setup(app, cors_origins)
     return app
 
 
@@ -97,6 +115,35 @@ async def _unload_idle(runtime: Runtime, max_idle: float, keep: Iterable[str]) -
             log.exception("unloading idle models failed")
 
 
+def _bind_failure(host: str, port: int, e: OSError) -> str:
+    """One line saying why the server cannot listen, and what to do."""
+    where = f"{host}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: port {port} is already in use (another server, "
+                f"or another 'serve'); stop that process, or pick another port with --port "
+                f"(--port 0 picks a free one)")
+    if e.errno == errno.EACCES:
+        return (f"cannot listen on {where}: permission denied (ports below 1024 need "
+                "privileges); pick another port with --port")
+    if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+        return (f"cannot listen on {where}: {host!r} is not an address of this machine; "
+                "use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)")
+    return f"cannot listen on {where}: {e.strerror or e}"
+
+
+async def _drain(runner: web.AppRunner, runtime: Runtime, state: ServerState,
+                 seconds: float) -> None:
+    """Stops listening and refuses new requests, waits up to `seconds` for the running ones,
+    then ends those still running with an error (a stream gets an SSE error event)."""
+    for site in list(runner.sites):
+        await site.stop()
+    running = state.metrics.in_flight
+    log.info("shutting down: %d request(s) running, given up to %.1f s to finish", running,
+             seconds)
+    await runtime.drain(seconds, SHUTDOWN_REASON, settle=CUT_GRACE,
+                        running=lambda: state.metrics.in_flight)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -110,11 +157,24 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 models: Sequence[str] | None = None, api_key: str | None = None,
                 idle_unload_seconds: float = DEFAULT_IDLE_UNLOAD,
                 max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
-                models_dir: Path | None = None, images_dir: Path | None = None) -> int:
+                models_dir: Path | None = None, images_dir: Path | None = None,
+                drain_seconds: float | None = None, body_timeout: float | None = None,
+                cors_origins: Sequence[str] | None = None) -> int:
     """Serves until cancelled, SIGTERM or SIGINT; returns the exit code (0, or 1 when a
-    model could not be preloaded). `models=None` preloads the built-in default model when
-    it is installed; `api_key=None` takes OVMS_PLUGIN_API_KEY (unset or empty: no key)."""
+    model could not be preloaded or the port cannot be bound). `models=None` preloads the
+    built-in default model when it is installed; `api_key=None` takes OVMS_PLUGIN_API_KEY
+    (unset or empty: no key); `drain_seconds` and `body_timeout` None take the settings
+    (shutdown_drain_seconds, body_timeout_seconds)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        if drain_seconds is None:
+            drain_seconds = settings.shutdown_drain_seconds(plugin=False)
+        if body_timeout is None:
+            body_timeout = settings.body_timeout_seconds()
+        cors_origins = cors.configured_origins(cors_origins)  # None: env, then settings
+    except settings.SettingsError as e:
+        log.error("%s", e)
+        return 1
     runtime = Runtime(ModelStore(models_dir or paths.models_dir()))
     names = list(dict.fromkeys(_default_models(runtime.store) if models is None else models))
     state = ServerState(api_key=api_key, max_body_bytes=int(max_body_bytes),
@@ -133,14 +193,24 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             signals.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
-    runner = web.AppRunner(create_app(runtime, state), handler_cancellation=True,
-                           shutdown_timeout=SHUTDOWN_GRACE, access_log=None)
+    # The drain happens before aiohttp's own shutdown, which then only has stragglers to
+    # cancel (a request still loading its model, a client that stopped reading).
+    runner = web.AppRunner(create_app(runtime, state, body_timeout, cors_origins,
+                                      idle_unload_seconds),
+                           handler_cancellation=True, shutdown_timeout=CUT_GRACE,
+                           access_log=None)
     tasks: list[asyncio.Task] = []
     code = 0
+    listening = False
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            log.error("%s", _bind_failure(host, port, e))
+            return 1
+        listening = True
         bound = runner.addresses[0][1] if runner.addresses else port
         log.info("listening on http://%s:%d (models: %s; API key %s)", host, bound,
                  runtime.store.root, "required" if api_key else "not required")
@@ -151,21 +221,34 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
         if idle_unload_seconds > 0:
             tasks.append(asyncio.create_task(
                 _unload_idle(runtime, idle_unload_seconds, state.pinned)))
+        tasks.append(asyncio.create_task(runtime.supervise()))
         await stop.wait()
         if state.preload_error:
             log.error("%s; stopping", state.preload_error)
             code = 1
-        log.info("shutting down")
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            await runner.cleanup()
+            if listening:
+                # A second SIGTERM or SIGINT during the drain cuts it short.
+                drain = asyncio.create_task(_drain(runner, runtime, state, drain_seconds))
+                for sig in signals:
+                    loop.add_signal_handler(sig, drain.cancel)
+                try:
+                    await drain
+                except asyncio.CancelledError:
+                    if not drain.cancelled():
+                        raise
+                    log.warning("shutting down at once: the drain was interrupted")
         finally:
-            await runtime.unload_all()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            try:
+                await runner.cleanup()
+            finally:
+                await runtime.unload_all()
     return code
 
 
@@ -188,12 +271,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         f"request (default {DEFAULT_IDLE_UNLOAD:.0f}; 0: never)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="N",
                    help=f"largest request body accepted (default {DEFAULT_MAX_BODY_MB:.0f} MB)")
+    p.add_argument("--drain", type=float, default=None, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long running requests get to finish before "
+                        "each is ended with an error (default: shutdown_drain_seconds in "
+                        f"settings, else {settings.SERVE_DRAIN_SECONDS:.0f})")
+    p.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                   help="answer 408 when a request body has not arrived in full after this "
+                        "long (default: body_timeout_seconds in settings, else "
+                        f"{settings.DEFAULT_BODY_TIMEOUT:.0f}; 0: no limit)")
     p.add_argument("--models-dir", type=Path, default=None,
                    help="model store folder (default: $OVMS_PLUGIN_MODELS or "
                         "<AOG data dir>/engine/ovms-plugin/models)")
     p.add_argument("--images-dir", type=Path, default=None,
                    help="where AOG-style text-to-image requests get their PNG files "
                         "(default <plugin data>/images)")
+    p.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                   help="let web apps of these origins call the server (comma-separated, "
+                        "like http://localhost:3000; '*' for any; default: "
+                        f"${cors.ENV}, else the cors_origins setting, else none)")
     args = p.parse_args(argv)
     if args.port < 0 or args.port > 65535:
         p.error("--port must be from 0 to 65535")
@@ -201,6 +296,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--max-body-mb must be positive")
     if args.idle_unload < 0:
         p.error("--idle-unload must be 0 (never) or a number of seconds")
+    if args.drain is not None and args.drain < 0:
+        p.error("--drain must be 0 or more seconds")
+    if args.body_timeout is not None and args.body_timeout < 0:
+        p.error("--body-timeout must be 0 (no limit) or a number of seconds")
+    if args.cors_origins is not None:
+        try:
+            args.cors_origins = cors.parse_origins(args.cors_origins)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -212,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(serve(host=args.host, port=args.port, models=args.models,
                              api_key=args.api_key, idle_unload_seconds=args.idle_unload,
                              max_body_bytes=int(args.max_body_mb * 2**20),
-                             models_dir=args.models_dir, images_dir=args.images_dir))
+                             models_dir=args.models_dir, images_dir=args.images_dir,
+                             drain_seconds=args.drain, body_timeout=args.body_timeout,
+                             cors_origins=args.cors_origins))
 
 
 if __name__ == "__main__":

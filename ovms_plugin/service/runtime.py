@@ -296,10 +296,19 @@ class Runtime:
                 from None
 
     def health(self) -> tuple[bool, str]:
-        dead = [lm.client.dead_reason or f"engine of {n!r} is not running"
-                for n, lm in self.models.items() if not lm.client.alive]
+        """Fails while shutting down, while a loaded model's worker is dead or stalled, and
+        while the supervisor restarts one (see supervise)."""
+        closing = self.shutdown_reason()
+        if closing:
+            return False, closing
+        dead = {n: lm.client.dead_reason or f"engine of {n!r} is not running"
+                for n, lm in self.models.items() if not lm.client.alive}
+        for n, why in self._restarting().items():
+            if n not in dead and (n not in self.models or not self.models[n].client.alive):
+                dead[n] = why if "being restarted" in why else \
+                    f"model {n!r} is being restarted ({why})"
         if dead:
-            return False, "; ".join(dead)
+            return False, "; ".join(dead.values())
         return True, f"ok: {len(self.models)} model(s) loaded"
 
     def placement(self, name: str) -> dict[str, Any]:
@@ -443,6 +452,121 @@ class Runtime:
                         return
         except EngineError as e:
             raise _engine_failure(e) from None
+
+    # --- supervision: engines restarted on their own; shutdown ---------------------------
+
+    def _restarting(self) -> dict[str, str]:
+        """Models the supervisor is restarting, and why (made on first use)."""
+        restarting = self.__dict__.get("_restarting_models")
+        if restarting is None:
+            restarting = self._restarting_models = {}
+        return restarting
+
+    async def supervise(self, every: float = 0.25, max_backoff: float = 30.0) -> None:
+        """Runs until cancelled: a loaded model whose engine worker died, or was killed by
+        the watchdog (engine.client), is started again without waiting for a request. A
+        model that dies again within a minute of its restart waits 1, 2, 4 ... up to
+        `max_backoff` seconds first; one that cannot be started again is unloaded (the log
+        says why; the next request tries to load it). Nothing restarts once shutdown began."""
+        tasks: dict[str, asyncio.Task] = {}
+        history: dict[str, tuple[float, float]] = {}  # name: (last restart, last backoff)
+        try:
+            while True:
+                await asyncio.sleep(every)
+                if self.shutdown_reason():
+                    continue
+                for name, lm in list(self.models.items()):
+                    c = lm.client
+                    if c.alive or c.stopping or c.proc is None or name in tasks:
+                        continue
+                    last, wait = history.get(name, (-1e9, 0.0))
+                    wait = min(max_backoff, max(1.0, wait * 2)) \
+                        if time.monotonic() - last < 60 else 0.0
+                    history[name] = (time.monotonic() + wait, wait)
+                    tasks[name] = asyncio.create_task(self._restart(name, lm, wait))
+                    tasks[name].add_done_callback(lambda _, n=name: tasks.pop(n, None))
+        finally:
+            for task in list(tasks.values()):
+                task.cancel()
+
+    async def _restart(self, name: str, lm: LoadedModel, wait: float) -> None:
+        why = lm.client.dead_reason or "its engine worker is not running"
+        restarting = self._restarting()
+        restarting[name] = why
+        try:
+            if wait:
+                log.warning("model %s: restarting its engine in %.0f s (it failed again soon "
+                            "after its last restart)", name, wait)
+                await asyncio.sleep(wait)
+            if self.models.get(name) is not lm or self.shutdown_reason():
+                return  # unloaded, or already restarted by a request, meanwhile
+            started = time.monotonic()
+            await self.load(name)
+            log.info("model %s: engine restarted in %.2f s", name, time.monotonic() - started)
+        except ServiceError as e:
+            log.error("model %s could not be restarted: %s; it is unloaded (the next request "
+                      "for it loads it again)", name, e.message)
+            if self.models.get(name) is lm:
+                await self.unload(name)
+        except Exception:
+            log.exception("restarting model %s failed", name)
+        finally:
+            restarting.pop(name, None)
+
+    def engine_events(self) -> dict[str, dict[str, int]]:
+        """Per model: engine "stalls" (killed by the watchdog), "deaths" (exited on their
+        own) and "restarts", since this process started."""
+        out: dict[str, dict[str, int]] = {}
+        for (name, event), n in EngineClient.events.items():
+            out.setdefault(name, {"stalls": 0, "deaths": 0, "restarts": 0})[event] = n
+        for name in self._restarting():
+            out.setdefault(name, {"stalls": 0, "deaths": 0, "restarts": 0})
+        return out
+
+    def restarting(self) -> list[str]:
+        """Models whose engine is being restarted now."""
+        return sorted(self._restarting())
+
+    def shutdown_reason(self) -> str | None:
+        """Why new requests are refused (shutdown began), or None."""
+        return self.__dict__.get("_shutdown_reason")
+
+    def begin_shutdown(self, reason: str) -> None:
+        """Refuses new requests from now on (code 14, with `reason`); running ones go on.
+        Health checks fail, and the supervisor restarts nothing."""
+        self._shutdown_reason = reason
+        for lm in self.models.values():
+            lm.client.refuse(reason)
+
+    def requests_in_flight(self) -> int:
+        return sum(lm.client.in_flight for lm in self.models.values())
+
+    def cut_requests(self, reason: str) -> int:
+        """Ends every request in flight with `reason` (code 14; a stream gets it as its
+        final error); returns how many there were."""
+        return sum(lm.client.cut(reason) for lm in list(self.models.values()))
+
+    async def drain(self, seconds: float, reason: str, settle: float = 0.5,
+                    running: Any = None) -> int:
+        """Shutdown's first half: refuses new requests, gives running ones up to `seconds`
+        to finish, then ends those still in an engine with `reason` and waits up to
+        `settle` seconds for them to send it. `running()` counts what is waited for (default
+        the requests in engines; a server passes its own count). Returns how many were
+        cut."""
+        self.begin_shutdown(reason)
+        running = running or self.requests_in_flight
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, seconds)
+        while running() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        cut = self.cut_requests(reason) if self.requests_in_flight() else 0
+        if cut:
+            log.warning("shutting down: %d request(s) still running after %.1f s were ended "
+                        "with an error", cut, seconds)
+        deadline = loop.time() + settle
+        while running() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return cut
 
 
 def _engine_failure(e: EngineError) -> ServiceError:
