@@ -615,3 +615,14 @@ def test_real_hub_layouts_download_only_what_the_path_needs(
         _, plain = do_pull(store, "org/root-ir", name="plain")
         assert "pytorch_model.bin" not in server.bytes_sent
         assert "model.onnx" not in server.bytes_sent and pull.verify(plain) == []
+
+
+def test_the_plugin_cleans_leftovers_at_start_up(start_host, tmp_path: Path):
+    from conftest import wait_for
+    home = tmp_path / "home"
+    leftover = home / "models" / STAGING / "new-999999-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "openvino_model.bin").write_bytes(b"\0" * 1000)
+    host = start_host(home)
+    assert wait_for(lambda: not leftover.exists(), timeout=20)
+    assert host.call("HealthCheck").code == 0

@@ -120,6 +120,14 @@ def _drain_seconds() -> float:
         return settings.PLUGIN_DRAIN_SECONDS
 
 
+def gc_quietly(store: ModelStore) -> None:
+    """The store's gc at start-up, off the event loop; a failure only logs."""
+    try:
+        store.gc()
+    except Exception:
+        log.exception("cleaning the model store's leftovers failed")
+
+
 async def serve(models_dir: Path | None = None, env: dict[str, str] | None = None) -> int:
     env = dict(os.environ if env is None else env)
     shutdown = asyncio.Event()
@@ -147,6 +155,7 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
              runtime.store.root)
 
     loop = asyncio.get_running_loop()
+    loop.run_in_executor(None, gc_quietly, runtime.store)  # leftovers of killed pulls
     loop.add_signal_handler(signal.SIGTERM, shutdown.set)
     # Import OpenVINO now, in the background, so the first real call does not pay for it.
     check = asyncio.create_task(engine_check.check())
