@@ -10,7 +10,8 @@ OpenAI-shaped objects as JSON or as server-sent events ending with `data: [DONE]
   `num_inference_steps`, `seed`, `negative_prompt`, `guidance_scale`.
 - POST /v1/rerank: Cohere/Jina shape, `{"id", "model", "results": [{"index",
   "relevance_score", "document": {"text"}}], "usage"}`, best first.
-- GET /v1/models, /v1/models/{id}: the installed models.
+- GET /v1/models, /v1/models/{id}: the installed models; the list marks loaded ones
+  (`"loaded": true`).
 """
 
 from __future__ import annotations
@@ -86,8 +87,12 @@ def model_object(entry: ModelEntry) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    entries = await asyncio.to_thread(request.app[RUNTIME].store.list)
-    return json_response({"object": "list", "data": [model_object(e) for e in entries]})
+    """The installed models; `loaded` marks those in memory now (an extra field: the
+    others load on first use)."""
+    rt = request.app[RUNTIME]
+    entries = await asyncio.to_thread(rt.store.list)
+    return json_response({"object": "list", "data": [
+        {**model_object(e), "loaded": e.name in rt.models} for e in entries]})
 
 
 async def get_model(request: web.Request) -> web.Response:
