@@ -158,3 +158,13 @@ def test_large_bodies_pass_the_transport_and_the_limit_is_clear(start_host, tmp_
 def test_documents_must_be_a_list(srv: Server):  # noqa: F811
     r = srv.http.post("/v1/rerank", json={"model": RERANK, "query": "q", "documents": "abc"})
     assert r.status_code == 400 and "'documents' must be a list" in r.text
+
+
+def test_huge_model_names_do_not_flood_the_log(srv: Server):  # noqa: F811
+    name = "n" * 500_000  # under the server's 1 MB body limit
+    r = srv.http.post("/v1/chat/completions", json={
+        "model": name, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and len(r.text) < 2000
+    assert wait_for(lambda: any("chars)" in line and "status=404" in line
+                                for line in srv.lines), 5)
+    assert max(len(line) for line in srv.lines) < 5000

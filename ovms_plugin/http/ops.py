@@ -70,8 +70,15 @@ async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         metrics.in_flight -= 1
         metrics.observe(_route(request), request.method, status, seconds)
         log.info("request id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f", rid,
-                 request.method, request.path, request.get(MODEL) or "-", status,
+                 request.method, _cut(request.path), _cut(request.get(MODEL) or "-"), status,
                  seconds * 1000)
+
+
+def _cut(text: object, limit: int = 200) -> str:
+    """Fields from outside in the access log, bounded (a 1 MiB model name is one line of
+    200 characters and its length, not a megabyte of log)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
