@@ -62,7 +62,10 @@ def test_ctrl_c_during_a_pull_says_cancelled_and_keeps_the_bytes(tmp_path: Path,
         proc = subprocess.Popen(
             [sys.executable, "-m", "ovms_plugin", "--models-dir", str(models), "pull",
              "OpenVINO/tiny-chat-ov"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "HF_ENDPOINT": hub.endpoint})
+            text=True, env={**os.environ, "HF_ENDPOINT": hub.endpoint},
+            # A shell's background job (as CI may be) ignores SIGINT, and Python keeps an
+            # ignored SIGINT ignored: give the CLI the terminal's default, as a user's has.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list(models.rglob("*.bin.part")):
             time.sleep(0.1)
