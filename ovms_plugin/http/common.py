@@ -4,9 +4,10 @@ events out, and errors in OpenAI's shape `{"error": {"message", "type", "param",
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,54 +131,81 @@ def sse(data: Any) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+@dataclass(frozen=True)
+class StreamFormat:
+    """How a stream of events is written: its content type, one event, an error event (for
+    a service error, and for a status and message), and what ends it."""
+
+    content_type: str
+    event: Callable[[Any], bytes]
+    service_error: Callable[[ServiceError], bytes]
+    error: Callable[[int, str, str], bytes]  # status, message, code
+    end: bytes = b""
+
+
+def _sse_service_error(e: ServiceError) -> bytes:
+    return sse(service_error_parts(e)[1])
+
+
+SSE = StreamFormat("text/event-stream; charset=utf-8", sse, _sse_service_error,
+                   lambda status, message, code: sse(error_body(status, message, code=code)))
+SSE_DONE = dataclasses.replace(SSE, end=sse("[DONE]"))
+
+
 async def sse_response(request: web.Request, events: AsyncIterator[dict[str, Any]],
                        done: bool) -> web.StreamResponse:
     """Streams `events` as server-sent events, then `data: [DONE]` when `done` (OpenAI's
-    end marker; AOG's streams have none).
+    end marker; AOG's streams have none)."""
+    return await stream_response(request, events, SSE_DONE if done else SSE)
+
+
+async def stream_response(request: web.Request, events: AsyncIterator[Any], fmt: StreamFormat,
+                          refuse: Callable[[Any], web.Response | None] | None = None
+                          ) -> web.StreamResponse:
+    """Streams `events` in `fmt`.
 
     Nothing is sent until the first event: a request refused before it produces anything
-    (bad input, unknown model, busy) still gets its HTTP status. After that, an error is
-    sent as one `{"error": {...}}` event. The events are closed on every way out, so a
-    client that goes away (the handler is cancelled, or a write fails) aborts the request
-    in the engine."""
+    (bad input, unknown model, busy) still gets its HTTP status, and so does a first event
+    that `refuse` turns into a response. After that, an error is sent as one error event.
+    The events are closed on every way out, so a client that goes away (the handler is
+    cancelled, or a write fails) aborts the request in the engine. A stream cut by the
+    server's shutdown (after its drain) still ends with an error event, then properly."""
     async with aclosing(events) as it:
         try:
             first = await anext(it)
         except StopAsyncIteration:
             first = None
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+        if refuse is not None and (refused := refuse(first)) is not None:
+            return refused
+        resp = web.StreamResponse(headers={"Content-Type": fmt.content_type,
                                            "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         try:
             await resp.prepare(request)
             if first is not None:
-                await resp.write(sse(first))
+                await resp.write(fmt.event(first))
                 async for event in it:
-                    await resp.write(sse(event))
+                    await resp.write(fmt.event(event))
         except ConnectionError:  # the client went away while we wrote
             request[CLIENT_GONE] = True
             return resp
         except asyncio.CancelledError:
-            # Cancelled by the server's shutdown (after its drain), not by a client gone:
-            # the stream still ends with an error event, then properly.
             reason = request.app[RUNTIME].shutdown_reason()
             task = asyncio.current_task()
             if reason is None or request.get(CLIENT_GONE) or not resp.prepared or \
                     task is None or task.cancelling() > 1:
                 raise
             task.uncancel()
-            await _write_quietly(request, resp, sse(error_body(503, reason,
-                                                               code="engine_unavailable")))
+            await _write_quietly(request, resp, fmt.error(503, reason, "engine_unavailable"))
         except ServiceError as e:
-            status, body, _ = service_error_parts(e)
-            log.info("stream ended with an error (HTTP %d): %s", status, e.message)
-            await _write_quietly(request, resp, sse(body))
+            log.info("stream ended with an error (HTTP %d): %s", e.http_status, e.message)
+            await _write_quietly(request, resp, fmt.service_error(e))
         except Exception as e:
             log.exception("stream failed")
-            await _write_quietly(request, resp, sse(error_body(
-                500, f"internal error: {type(e).__name__}: {e}", code="internal_error")))
-    if done:
-        await _write_quietly(request, resp, sse("[DONE]"))
+            await _write_quietly(request, resp, fmt.error(
+                500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
+    if fmt.end:
+        await _write_quietly(request, resp, fmt.end)
     if not request.get(CLIENT_GONE):
         try:
             await resp.write_eof()

@@ -63,12 +63,13 @@ from aiohttp import web
 from ovms_plugin import __version__
 from ovms_plugin.http.common import (
     BODY_TIMEOUT,
-    CLIENT_GONE,
     MODEL,
     RUNTIME,
     STATE,
+    StreamFormat,
     json_response,
     read_json,
+    stream_response,
 )
 from ovms_plugin.service import embed, errors, jsonenc, text
 from ovms_plugin.service.errors import ServiceError, bool_field, invalid
@@ -697,64 +698,22 @@ def _line(data: Any) -> bytes:
     return (jsonenc.dumps(data, compact=True) + "\n").encode()
 
 
-async def _write_quietly(request: web.Request, resp: web.StreamResponse, data: bytes) -> None:
-    if request.get(CLIENT_GONE):
-        return
-    try:
-        await resp.write(data)
-    except ConnectionError:
-        request[CLIENT_GONE] = True
+def _ndjson_refusal(first: Any) -> web.Response | None:
+    """Ollama answers a pull that fails before any progress with an HTTP error."""
+    if isinstance(first, dict) and set(first) == {"error"}:
+        return error_response(500, first["error"])
+    return None
+
+
+NDJSON = StreamFormat("application/x-ndjson", _line, lambda e: _line({"error": message_of(e)}),
+                      lambda status, message, code: _line({"error": errors.public(message)}))
 
 
 async def ndjson(request: web.Request, events: AsyncIterator[dict[str, Any]]
                  ) -> web.StreamResponse:
-    """Streams `events` as NDJSON. Nothing is sent before the first event: a request refused
-    before it produces anything gets its HTTP status (an `{"error"}` first event too, as
-    Ollama answers a pull that fails at once). After that, an error is one `{"error": ...}`
-    line. The events are closed on every way out, so a client that goes away aborts the
-    request (or the pull)."""
-    async with aclosing(events) as it:
-        try:
-            first = await anext(it)
-        except StopAsyncIteration:
-            first = None
-        if isinstance(first, dict) and set(first) == {"error"}:
-            return error_response(500, first["error"])
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        try:
-            await resp.prepare(request)
-            if first is not None:
-                await resp.write(_line(first))
-                async for event in it:
-                    await resp.write(_line(event))
-        except ConnectionError:  # the client went away while we wrote
-            request[CLIENT_GONE] = True
-            return resp
-        except asyncio.CancelledError:
-            # Cancelled by the server's shutdown (after its drain), not by a client gone:
-            # the stream still ends with an error line.
-            reason = request.app[RUNTIME].shutdown_reason()
-            task = asyncio.current_task()
-            if reason is None or request.get(CLIENT_GONE) or not resp.prepared or \
-                    task is None or task.cancelling() > 1:
-                raise
-            task.uncancel()
-            await _write_quietly(request, resp, _line({"error": reason}))
-        except ServiceError as e:
-            log.info("stream ended with an error (HTTP %d): %s", e.http_status, e.message)
-            await _write_quietly(request, resp, _line({"error": message_of(e)}))
-        except Exception as e:
-            log.exception("stream failed")
-            await _write_quietly(request, resp, _line(
-                {"error": errors.public(f"internal error: {type(e).__name__}: {e}")}))
-    if not request.get(CLIENT_GONE):
-        try:
-            await resp.write_eof()
-        except ConnectionError:
-            request[CLIENT_GONE] = True
-    return resp
+    """Streams `events` as NDJSON (see common.stream_response); an error is one
+    `{"error": ...}` line."""
+    return await stream_response(request, events, NDJSON, _ndjson_refusal)
 
 
 # --- embeddings ---------------------------------------------------------------------------
