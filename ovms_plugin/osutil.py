@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -123,3 +124,26 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True  # no /proc (macOS): kill(0) said it exists
+
+
+def own_group_kwargs() -> dict:
+    """subprocess.Popen arguments that start a child in a process group of its own, so that
+    kill_group() ends it with every process it started."""
+    if sys.platform == "win32":  # pragma: no cover (Windows)
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kills a child started with own_group_kwargs() and what it started, then reaps it."""
+    if proc.poll() is None or sys.platform != "win32":
+        if sys.platform == "win32":  # pragma: no cover (Windows)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
+                           capture_output=True, check=False)
+        else:
+            import signal
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.kill()
+    proc.wait()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -199,39 +199,16 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
     # --- models -------------------------------------------------------------------------
 
     async def _pull(self, raw: bytes) -> AsyncIterator[dict[str, Any]]:
-        """Runs a pull in a thread; yields its progress messages, then success or error.
-        Leaving early (the caller went away) cancels the pull."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-
-        def progress(msg: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, msg)
-
-        def run() -> None:
-            try:
-                req = pull_mod.PullRequest.from_json(_body(raw, "request_json"))
-                req.loaded_task = self.rt.loaded_task
-                entry = pull_mod.pull(self.rt.store, req, progress, cancel)
-                # A loaded model pulled again: swap to the new version now, not at the next
-                # request (ListModels and GetRunningModels agree at once).
-                if entry.name in self.rt.models:
-                    asyncio.run_coroutine_threadsafe(self.rt.refresh(entry.name), loop)
-            except (StoreError, ServiceError) as e:
-                log.info("pull failed: %s", e)
-                progress({"error": errors.public(str(e))})
-            except Exception as e:
-                log.exception("pull failed")
-                progress({"error": errors.public(f"pull failed: {type(e).__name__}: {e}")})
-            loop.call_soon_threadsafe(q.put_nowait, None)
-
-        task = loop.run_in_executor(None, run)
+        """The pull's progress messages, then success or `{"error"}`; leaving early (the
+        caller went away) cancels the pull."""
         try:
-            while (msg := await q.get()) is not None:
+            req = pull_mod.PullRequest.from_json(_body(raw, "request_json"))
+        except (StoreError, ServiceError) as e:
+            yield {"error": errors.public(str(e))}
+            return
+        async with aclosing(self.rt.pull(req)) as messages:
+            async for msg in messages:
                 yield msg
-        finally:
-            cancel.set()
-            await asyncio.shield(task)
 
     async def PullModel(self, request, context):
         last: dict[str, Any] = {}

@@ -48,7 +48,6 @@ import functools
 import logging
 import math
 import re
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,7 +75,7 @@ from ovms_plugin.service.errors import ServiceError, bool_field, invalid
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store import catalog
 from ovms_plugin.store import pull as pull_mod
-from ovms_plugin.store.store import ModelEntry, StoreError
+from ovms_plugin.store.store import ModelEntry
 from ovms_plugin.store.store import read_json as read_json_file
 
 log = logging.getLogger(__name__)
@@ -881,36 +880,10 @@ async def api_delete(request: web.Request) -> web.Response:
 
 
 async def pull_events(rt: Runtime, spec: str) -> AsyncIterator[dict[str, Any]]:
-    """Runs a pull in a thread; yields its progress messages, then success or
-    `{"error"}`. Leaving early (the client went away) cancels the pull."""
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-
-    def progress(msg: dict[str, Any]) -> None:
-        loop.call_soon_threadsafe(q.put_nowait, msg)
-
-    def run() -> None:
-        try:
-            req = pull_mod.PullRequest(model=spec, loaded_task=rt.loaded_task)
-            entry = pull_mod.pull(rt.store, req, progress, cancel)
-            if entry.name in rt.models:  # pulled again while loaded: swap now
-                asyncio.run_coroutine_threadsafe(rt.refresh(entry.name), loop)
-        except (StoreError, ServiceError) as e:
-            log.info("pull failed: %s", e)
-            progress({"error": errors.public(str(e))})
-        except Exception as e:
-            log.exception("pull failed")
-            progress({"error": errors.public(f"pull failed: {type(e).__name__}: {e}")})
-        loop.call_soon_threadsafe(q.put_nowait, None)
-
-    task = loop.run_in_executor(None, run)
-    try:
-        while (msg := await q.get()) is not None:
+    """The pull's progress (see Runtime.pull)."""
+    async with aclosing(rt.pull(pull_mod.PullRequest(model=spec))) as messages:
+        async for msg in messages:
             yield msg
-    finally:
-        cancel.set()
-        await asyncio.shield(task)
 
 
 @ollama_errors

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -24,6 +25,7 @@ from ovms_plugin.service import detok, embed, errors
 from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
+from ovms_plugin.store import pull as pull_mod
 from ovms_plugin.store.store import (
     MANIFEST,
     ModelEntry,
@@ -247,6 +249,40 @@ class Runtime:
                 await self.load(name)
             except ServiceError as e:
                 log.warning("model %s could not be swapped to its new version: %s", name, e)
+
+    async def pull(self, req: pull_mod.PullRequest) -> AsyncIterator[dict[str, Any]]:
+        """Runs a pull in a thread; yields its progress messages, then `{"status":
+        "success"}` or `{"error"}` (fit for a client). Leaving early (the caller went away)
+        cancels the pull. A loaded model pulled again is swapped to the new version at once
+        (ListModels and GetRunningModels agree); a pull may not change its task."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        req.loaded_task = self.loaded_task
+
+        def progress(msg: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, msg)
+
+        def run() -> None:
+            try:
+                entry = pull_mod.pull(self.store, req, progress, cancel)
+                if entry.name in self.models:
+                    asyncio.run_coroutine_threadsafe(self.refresh(entry.name), loop)
+            except (StoreError, ServiceError) as e:
+                log.info("pull failed: %s", e)
+                progress({"error": errors.public(str(e))})
+            except Exception as e:
+                log.exception("pull failed")
+                progress({"error": errors.public(f"pull failed: {type(e).__name__}: {e}")})
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+        task = loop.run_in_executor(None, run)
+        try:
+            while (msg := await q.get()) is not None:
+                yield msg
+        finally:
+            cancel.set()
+            await asyncio.shield(task)
 
     def loaded_task(self, name: str) -> str | None:
         """The task of a loaded model (a pull must not change it under that name)."""

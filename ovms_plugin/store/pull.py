@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin import builtin, settings
-from ovms_plugin.osutil import file_lock
+from ovms_plugin.osutil import file_lock, kill_group, own_group_kwargs
 from ovms_plugin.store import catalog, gguf, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
@@ -666,7 +666,7 @@ def run_job(spec: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
     """Runs store/job.py in a child process; kills it when `cancel` is set."""
     proc = subprocess.Popen([sys.executable, "-m", "ovms_plugin.store.job", json.dumps(spec)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, **own_group_kwargs())
     lines: list[str] = []
     relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -678,14 +678,12 @@ def run_job(spec: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
                 proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
-                if cancel.is_set():
-                    proc.kill()
-                    proc.wait()
+                if cancel.is_set():  # the job and whatever it started
+                    kill_group(proc)
                     raise PullCancelled("the pull was cancelled") from None
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            kill_group(proc)
         if proc.stdin:
             proc.stdin.close()
     reader.join(5)
