@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=$(bash scripts/setup.sh convert,test)
 "$python" -m ruff check ovms_plugin tests scripts benchmarks
-"$python" -m pytest -q -ra "$@"
+"$python" -m pytest -q -ra --durations=15 "$@"
