@@ -233,7 +233,7 @@ def test_deadline_cancels_unary(host: AogHost):
 
 @pytest.mark.parametrize("service,body,code,needle", [
     ("chat", {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
-     3000, "available: tiny-chat"),
+     3000, "available: smollm2, tiny-chat"),
     ("chat", {"model": CHAT, "messages": []}, 4003, "non-empty list"),
     ("chat", {"model": CHAT}, 4003, "'messages'"),
     ("chat", {"model": CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 4003, "role"),

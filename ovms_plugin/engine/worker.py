@@ -42,22 +42,9 @@ class Engine(Protocol):
 
 
 def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
-    if kind == "llm":
-        from ovms_plugin.engine.llm import LLMEngine
-        return LLMEngine(model_dir, config)
-    if kind == "llm_stateful":
-        from ovms_plugin.engine.llm_stateful import StatefulLLMEngine
-        return StatefulLLMEngine(model_dir, config)
-    if kind == "embed":
-        from ovms_plugin.engine.embed import EmbedEngine
-        return EmbedEngine(model_dir, config)
-    if kind == "rerank":
-        from ovms_plugin.engine.embed import RerankEngine
-        return RerankEngine(model_dir, config)
-    if kind == "image":
-        from ovms_plugin.engine.image import ImageEngine
-        return ImageEngine(model_dir, config)
-    raise ValueError(f"unknown engine kind {kind!r}")
+    """The engine of a registered kind (ovms_plugin.kinds)."""
+    from ovms_plugin import kinds
+    return kinds.get(kind).make_engine(model_dir, config)
 
 
 class _Sender:
