@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin import kinds
-from ovms_plugin.engine.client import EngineBusy, EngineError, Output
+from ovms_plugin.engine.client import EngineError, Output
+from ovms_plugin.engine.protocol import EngineFailure, FailureKind
 
 
 class InProcessClient:
@@ -41,7 +42,8 @@ class InProcessClient:
 
     async def start(self) -> dict[str, Any]:
         if self.config["device"].split(".")[0] in self.fail_on:
-            raise EngineError(f"cannot compile on {self.config['device']}")
+            raise EngineError.of(FailureKind.LOAD_FAILED,
+                                 f"cannot compile on {self.config['device']}")
         self.engine = kinds.get(self.kind).make_engine(self.model_dir, self.config)
         self.info = self.engine.info()
         self._running = True
@@ -53,17 +55,17 @@ class InProcessClient:
 
     async def _steps(self) -> None:
         while self._running and self.engine.has_work():
-            for req_id, result, finish, error in self.engine.step():
-                q = self._queues.get(req_id)
+            for out in self.engine.step():
+                q = self._queues.get(out.req_id)
                 if q is not None:
-                    q.put_nowait((result, finish, error))
+                    q.put_nowait((out.result, out.finish, out.error))
             await asyncio.sleep(0)
 
     async def submit(self, payload: Any) -> AsyncIterator[Output]:
         if not self.alive:
-            raise EngineError(f"model {self.name!r} is not running")
+            raise EngineError.of(FailureKind.ENGINE_DIED, f"model {self.name!r} is not running")
         if self.in_flight >= self.max_in_flight:
-            raise EngineBusy(f"model {self.name!r} is busy")
+            raise EngineError.of(FailureKind.BUSY, f"model {self.name!r} is busy")
         req_id = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req_id] = q
@@ -73,13 +75,13 @@ class InProcessClient:
                 self.engine.add(req_id, payload)
             except Exception as e:
                 finished = True
-                raise EngineError(f"{type(e).__name__}: {e}") from None
+                raise EngineError.of(FailureKind.INTERNAL, f"{type(e).__name__}: {e}") from None
             self._kick()
             while True:
                 result, finish, error = await q.get()
                 if error is not None:
                     finished = True
-                    raise EngineError(error)
+                    raise EngineError(error)  # the step output's EngineFailure
                 finished = finish is not None
                 yield Output(result, finish)
                 if finished:
@@ -95,7 +97,8 @@ class InProcessClient:
     async def stop(self, timeout: float = 1.0) -> None:
         self._running = False
         for q in self._queues.values():
-            q.put_nowait((None, "error", f"model {self.name!r} was unloaded"))
+            q.put_nowait((None, None, EngineFailure(FailureKind.ENGINE_DIED,
+                                                    f"model {self.name!r} was unloaded")))
 
     def kill(self) -> None:
         self._running = False

@@ -19,6 +19,7 @@ from fake_engine import InProcessClient
 
 from ovms_plugin import kinds
 from ovms_plugin.devices import Device
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.kinds import Kind, Service, StreamChunk
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
@@ -47,12 +48,12 @@ class EchoEngine:
     def has_work(self) -> bool:
         return bool(self.queue)
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         req_id, payload = self.queue.popleft()
         self.requests_total += 1
         if payload.get("fail"):  # how an engine reports a request it could not serve
-            return [(req_id, None, "error", payload["fail"])]
-        return [(req_id, payload["text"].upper(), "stop", None)]
+            return [failed(req_id, FailureKind.BAD_REQUEST, payload["fail"])]
+        return [StepOutput(req_id, payload["text"].upper(), "stop")]
 
     def metrics(self) -> dict[str, Any]:
         return {"requests_total": self.requests_total}
@@ -296,7 +297,7 @@ def test_engine_failures_become_service_errors(echo: ModelStore):
         async with rt.lease("echo-a") as lm:
             with pytest.raises(ServiceError, match="boom") as e:
                 await rt.run_once(lm, {"text": "x", "fail": "boom"})
-        assert e.value.code == 11 and e.value.http_status == 500
+        assert e.value.code == 4003 and e.value.http_status == 400
         await rt.unload_all()
 
     asyncio.run(go())
@@ -314,3 +315,32 @@ def test_stream_closed_early_aborts_in_the_engine(echo: ModelStore):
         await rt.unload_all()
 
     asyncio.run(go())
+
+
+# --- the typed engine protocol --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,code,status,retry", [
+    (FailureKind.BAD_REQUEST, 4003, 400, None),
+    (FailureKind.NO_KV_SPACE, 11, 500, None),
+    (FailureKind.BUSY, 6, 429, 1.0),
+    (FailureKind.ENGINE_DIED, 14, 503, None),
+    (FailureKind.LOAD_FAILED, 3003, 500, None),
+    (FailureKind.INTERNAL, 11, 500, None),
+])
+def test_engine_failures_map_to_codes_in_one_place(kind, code, status, retry):
+    from ovms_plugin.engine.protocol import EngineFailure
+    from ovms_plugin.service.errors import from_engine
+    e = from_engine(EngineFailure(kind, "why"))
+    assert (e.code, e.http_status, e.retry_after, e.message) == (code, status, retry, "why")
+
+
+def test_step_outputs_travel_as_tuples():
+    import pickle
+
+    from ovms_plugin.engine import ipc
+    outs = [StepOutput(1, [5, 6]), StepOutput(2, [], "length"),
+            failed(3, FailureKind.NO_KV_SPACE, "full")]
+    wire = [o.wire() for o in outs]
+    assert all(type(t) is tuple for t in wire)
+    msg = pickle.loads(ipc.encode(("out", wire))[4:])
+    assert [StepOutput.from_wire(t) for t in msg[1]] == outs

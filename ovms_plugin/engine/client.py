@@ -19,26 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin.engine import ipc
+from ovms_plugin.engine.protocol import EngineFailure, FailureKind
 
 log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    """The engine could not serve the request; `code` is an AOG SDK result code."""
+    """The engine could not serve the request: `failure` says why (service/errors.py
+    turns it into a protocol's code)."""
 
-    def __init__(self, message: str, code: int = 11) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, failure: EngineFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
-
-class EngineBusy(EngineError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=6)
-
-
-class EngineDied(EngineError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=14)
+    @classmethod
+    def of(cls, kind: FailureKind, message: str) -> EngineError:
+        return cls(EngineFailure(kind, message))
 
 
 @dataclass
@@ -98,12 +94,14 @@ class EngineClient:
         except (asyncio.IncompleteReadError, ConnectionError):
             code = await self.proc.wait()
             self.dead_reason = f"engine worker exited with code {code} while loading"
-            raise EngineError(f"loading model {self.name!r} failed: {self.dead_reason} "
-                              "(see the plugin log)", code=3003) from None
+            raise EngineError.of(FailureKind.LOAD_FAILED,
+                                 f"loading model {self.name!r} failed: {self.dead_reason} "
+                                 "(see the plugin log)") from None
         if msg[0] != "ready":
             await self.stop()
             self.dead_reason = msg[1]
-            raise EngineError(f"loading model {self.name!r} failed: {msg[1]}", code=3003)
+            raise EngineError.of(FailureKind.LOAD_FAILED,
+                                 f"loading model {self.name!r} failed: {msg[1]}")
         self.info = msg[1]
         self._tasks.append(asyncio.create_task(self._read_loop(reader)))
         return self.info
@@ -137,14 +135,15 @@ class EngineClient:
             log.error(self.dead_reason)
         reason = self.dead_reason or f"model {self.name!r} was unloaded"
         for q in self._queues.values():
-            q.put_nowait((None, "error", reason))
+            q.put_nowait((None, None, (FailureKind.ENGINE_DIED.value, reason)))
         for fut in self._metric_waiters.values():
             if not fut.done():
-                fut.set_exception(EngineDied(reason))
+                fut.set_exception(EngineError.of(FailureKind.ENGINE_DIED, reason))
 
     def _send(self, msg: Any) -> None:
         if not self.alive or self._writer is None:
-            raise EngineDied(self.dead_reason or f"model {self.name!r} is not running")
+            raise EngineError.of(FailureKind.ENGINE_DIED,
+                                 self.dead_reason or f"model {self.name!r} is not running")
         # Messages of one event-loop turn (gRPC hands over many requests in one) go out in
         # one write: one system call and one wake-up of the worker instead of one per request.
         if not self._outbox:
@@ -160,8 +159,9 @@ class EngineClient:
         """Runs one request; yields its outputs until it finishes. Leaving the iteration
         early (cancellation, client gone, stop string) aborts it in the engine."""
         if self.in_flight >= self.max_in_flight:
-            raise EngineBusy(f"model {self.name!r} is busy: {self.in_flight} requests are "
-                             "already running or waiting; retry shortly")
+            raise EngineError.of(FailureKind.BUSY,
+                                 f"model {self.name!r} is busy: {self.in_flight} requests "
+                                 "are already running or waiting; retry shortly")
         req_id = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[req_id] = q
@@ -172,13 +172,15 @@ class EngineClient:
                 result, finish, error = await q.get()
                 # Steps that piled up while the consumer was busy go out as one output
                 # (token lists are joined): fewer, larger messages when the front end lags.
-                while isinstance(result, list) and finish is None and not q.empty():
+                while isinstance(result, list) and finish is None and error is None \
+                        and not q.empty():
                     more, finish, error = q.get_nowait()
                     if more is not None:
                         result = result + more
-                if error is not None:
+                if error is not None:  # a StepOutput's failure, as it travels
                     finished = True
-                    raise EngineError(error) if self.alive else EngineDied(error)
+                    kind = FailureKind(error[0]) if self.alive else FailureKind.ENGINE_DIED
+                    raise EngineError.of(kind, error[1])
                 if finish is not None:
                     finished = True
                 yield Output(result, finish)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ovms_plugin.engine import ipc
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.logs import setup_logging
 from ovms_plugin.procs import die_with_parent
 
@@ -31,13 +32,14 @@ log = logging.getLogger("ovms_plugin.worker")
 
 
 class Engine(Protocol):
-    """One engine kind (LLM, embeddings, images): what the worker loop drives."""
+    """One kind's engine (LLM, embeddings, images): what the worker loop drives. `add`
+    takes the kind's request dataclass; `step` returns what came out of one step."""
 
     def info(self) -> dict[str, Any]: ...
     def add(self, req_id: int, payload: Any) -> None: ...
     def abort(self, req_id: int) -> None: ...
     def has_work(self) -> bool: ...
-    def step(self) -> list[tuple]: ...
+    def step(self) -> list[StepOutput]: ...
     def metrics(self) -> dict[str, Any]: ...
 
 
@@ -83,7 +85,7 @@ def _reader(sock: socket.socket, inbox: queue.SimpleQueue, engine_ref: list,
 def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue) -> None:
     """The loop: take new messages (blocking only when idle), step, send what came out."""
     if hasattr(engine, "emit"):  # engines that report progress in the middle of a step
-        engine.emit = lambda outs: send(("out", outs))
+        engine.emit = lambda outs: send(("out", [o.wire() for o in outs]))
 
     while True:
         msgs = []
@@ -94,14 +96,15 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue) -> None:
                 msgs.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        errors = []
+        errors: list[StepOutput] = []
         for msg in msgs:
             op = msg[0]
             if op == "add":
                 try:
                     engine.add(msg[1], msg[2])
                 except Exception as e:  # a bad request must not take the engine down
-                    errors.append((msg[1], None, "error", f"{type(e).__name__}: {e}"))
+                    errors.append(failed(msg[1], FailureKind.INTERNAL,
+                                         f"{type(e).__name__}: {e}"))
             elif op == "abort":
                 engine.abort(msg[1])
             elif op == "metrics":
@@ -109,11 +112,11 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue) -> None:
             elif op == "shutdown":
                 return
         if errors:
-            send(("out", errors))
+            send(("out", [o.wire() for o in errors]))
         if engine.has_work():
             outs = engine.step()
             if outs:
-                send(("out", outs))
+                send(("out", [o.wire() for o in outs]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ tokenizes and counts itself, so the front end holds no tokenizer for these model
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,22 @@ if TYPE_CHECKING:
     from ovms_plugin.store.store import ModelEntry
 
 
+@dataclass(slots=True)
+class EmbedJob:
+    """Texts to embed; `limit` tokens per text (None: the engine's max_length); over it,
+    cut when `truncate`, else refused with the counts alone."""
+
+    texts: list[str]
+    limit: int | None = None
+    truncate: bool = False
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    vectors: Any  # float32 [n, dim]; None when refused (a text over the limit)
+    counts: list[int]  # tokens per text
+
+
 async def run(rt: Runtime, req: embed.EmbedRequest) -> dict[str, Any]:
     async with rt.lease(req.model, "embed") as lm:
         opts = lm.settings.options["embed"]
@@ -24,10 +41,9 @@ async def run(rt: Runtime, req: embed.EmbedRequest) -> dict[str, Any]:
         truncate = opts.get("truncate", False) if req.truncate is None else req.truncate
         # The engine tokenizes anyway: it counts, and answers over-long inputs (without
         # truncate) with their counts alone, which check_lengths turns into the refusal.
-        result = await rt.run_once(lm, {"texts": texts, "limit": lm.context,
-                                        "truncate": truncate})
-    embed.check_lengths(result["counts"], lm.context, truncate, "input")
-    return embed.embedding_response(req, result["vectors"], sum(result["counts"]))
+        result: EmbedResult = await rt.run_once(lm, EmbedJob(texts, lm.context, truncate))
+    embed.check_lengths(result.counts, lm.context, truncate, "input")
+    return embed.embedding_response(req, result.vectors, sum(result.counts))
 
 
 async def unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:

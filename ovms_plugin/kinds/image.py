@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,18 +22,43 @@ if TYPE_CHECKING:
     from ovms_plugin.store.store import ModelEntry
 
 
+@dataclass(slots=True)
+class ImageJob:
+    """One text-to-image request, resolved against the model (service/image.py)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    n: int = 1
+    seed: int = 42
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+
+
+@dataclass(slots=True)
+class ImageProgress:
+    step: int  # denoising steps done
+    steps: int
+
+
+@dataclass(slots=True)
+class ImageResult:
+    images: list[bytes]  # PNGs
+
+
 async def run(rt: Runtime, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
-    """Yields ("progress", {"step", "steps"}) per denoising step, then ("images", [png])."""
+    """Yields ("progress", ImageProgress) per denoising step, then ("images", [png])."""
     async with rt.lease(req.model, "text-to-image") as lm:
         limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
-        payload = image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
-                                    lm.client.info.get("static"))
-        async with aclosing(rt.submit(lm, payload)) as outputs:
+        job = ImageJob(**image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
+                                           lm.client.info.get("static")))
+        async with aclosing(rt.submit(lm, job)) as outputs:
             async for out in outputs:
                 if out.finish is None:
                     yield "progress", out.result
                 else:
-                    yield "images", out.result["images"]
+                    yield "images", out.result.images
                     return
 
 
@@ -48,7 +74,7 @@ async def stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamCh
     async with aclosing(run(rt, image_mod.parse(body))) as events:
         async for kind, data in events:
             if kind == "progress":
-                yield StreamChunk(image_mod.progress_event(data["step"], data["steps"]))
+                yield StreamChunk(image_mod.progress_event(data.step, data.steps))
             else:
                 yield StreamChunk(image_mod.response(data), final=True)
 

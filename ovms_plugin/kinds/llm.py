@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
 
 SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    """What the front end sends an LLM engine (both variants): the prompt's token ids and
+    the sampling settings. Its step outputs' results are the new token ids."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
 
 
 async def text_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:

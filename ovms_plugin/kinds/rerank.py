@@ -4,6 +4,7 @@ refuse over-long pairs before they reach the engine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,14 @@ if TYPE_CHECKING:
     from ovms_plugin.store.store import ModelEntry
 
 
+@dataclass(slots=True)
+class RerankJob:
+    """A query and its documents. The result: [(document index, score), ...]."""
+
+    query: str
+    documents: list[str]
+
+
 async def run(rt: Runtime, req: embed.RerankRequest) -> dict[str, Any]:
     # One lease from the token count to the engine's answer: the model cannot be evicted
     # while this request waits for its count.
@@ -26,7 +35,7 @@ async def run(rt: Runtime, req: embed.RerankRequest) -> dict[str, Any]:
             if req.truncate is None else req.truncate
         pair_counts = [counts[0] + n for n in counts[1:]]
         embed.check_lengths(pair_counts, lm.context, truncate, "query plus document")
-        scores = await rt.run_once(lm, {"query": req.query, "documents": req.documents})
+        scores = await rt.run_once(lm, RerankJob(req.query, req.documents))
     return embed.rerank_response(req, scores, sum(pair_counts))
 
 

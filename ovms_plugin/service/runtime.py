@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from ovms_plugin import devices as devices_mod
 from ovms_plugin import kinds, paths
 from ovms_plugin import settings as settings_mod
-from ovms_plugin.engine.client import EngineBusy, EngineClient, EngineError, Output
+from ovms_plugin.engine.client import EngineClient, EngineError, Output
+from ovms_plugin.kinds.llm import LLMRequest
 from ovms_plugin.service import detok, errors
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
@@ -314,10 +315,10 @@ class Runtime:
                           "raise npu_max_prompt_len in the model's llm settings",
                           "messages")
         max_new = _max_new_tokens(req, n_prompt, lm.context)
-        payload = {"ids": ids, "max_new_tokens": max_new, "temperature": req.temperature,
-                   "top_p": req.top_p, "presence_penalty": req.presence_penalty,
-                   "frequency_penalty": req.frequency_penalty, "seed": req.seed,
-                   "ignore_eos": req.ignore_eos}
+        payload = LLMRequest(ids, max_new, temperature=req.temperature, top_p=req.top_p,
+                             presence_penalty=req.presence_penalty,
+                             frequency_penalty=req.frequency_penalty, seed=req.seed,
+                             ignore_eos=req.ignore_eos)
         detokenizer = detok.FastDetokenizer(lm.byte_table) if lm.byte_table else \
             Detokenizer(tok)
         stops = StopMatcher(req.stop)
@@ -383,8 +384,7 @@ class Runtime:
 
 
 def _engine_failure(e: EngineError) -> ServiceError:
-    """An engine's refusal or failure as a service error; a busy engine says when to retry."""
-    return ServiceError(str(e), e.code, retry_after=1.0 if isinstance(e, EngineBusy) else None)
+    return errors.from_engine(e.failure)
 
 
 def _token_counts(tok: Any, texts: list[str]) -> list[int]:
