@@ -124,11 +124,10 @@ def compile_properties(device: str, task: str, cache_dir: Path | None,
                                   (cache_mode == "auto" and family in ("GPU", "NPU"))):
         # Compiled blobs: the second load skips compilation.
         props["CACHE_DIR"] = str(cache_dir)
-    if family == "NPU" and task == "text-generation":
-        props["MAX_PROMPT_LEN"] = int(options.get("npu_max_prompt_len", 1024))
-        props["MIN_RESPONSE_LEN"] = int(options.get("npu_min_response_len", 128))
-    if family == "GPU" and task == "text-generation":
-        props["KV_CACHE_PRECISION"] = "f16"
+    from ovms_plugin import kinds
+    kind = kinds.for_task(task)
+    if kind is not None:  # what the kind's engine needs on this device family
+        props.update(kind.compile_properties(family, options))
     return props
 
 

@@ -101,6 +101,11 @@ class Kind:
         """The kind's part of the engine config (beside device and properties)."""
         return {}
 
+    def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
+        """OpenVINO properties its engine needs on a device family (CPU, GPU, NPU), from
+        the kind's settings section `options`."""
+        return {}
+
     def capacity(self, config: dict[str, Any]) -> int:
         """How many requests the engine works on at once; beyond it and
         max_waiting_requests, requests are refused as busy."""

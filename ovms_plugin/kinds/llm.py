@@ -169,6 +169,14 @@ class LLMKind(Kind):
         return {"scheduler": settings_mod.scheduler_config(device, ms, entry.size,
                                                            budget_left)}
 
+    def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
+        if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes
+            return {"MAX_PROMPT_LEN": int(options.get("npu_max_prompt_len", 1024)),
+                    "MIN_RESPONSE_LEN": int(options.get("npu_min_response_len", 128))}
+        if family == "GPU":
+            return {"KV_CACHE_PRECISION": "f16"}
+        return {}
+
     def capacity(self, config: dict[str, Any]) -> int:
         return int(config["scheduler"].get("max_num_seqs", 64))
 

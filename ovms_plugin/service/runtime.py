@@ -154,7 +154,8 @@ class Runtime:
             config: dict[str, Any] = {
                 "device": device,
                 "properties": {**devices_mod.compile_properties(
-                    device, entry.task, cache_dir, ms.options.get("llm"), cache_mode),
+                    device, entry.task, cache_dir, ms.options.get(kind.options_section),
+                    cache_mode),
                     **ms.properties},
                 **engine.engine_config(entry, device, ms, self._budget_left(exclude=name))}
             need = engine.memory_needed(entry, config)
