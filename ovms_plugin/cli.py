@@ -264,7 +264,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from ovms_plugin import devices, settings
     found = devices.discover()
     wanted = settings.model_settings("").device
-    routing = {s: devices.candidates(s, found, wanted) for s in devices.SERVICES}
+    routing = {s: devices.candidates(s, found, wanted) for s in devices.routed_services()}
     if args.json:
         print(json.dumps({"devices": [d.to_json() for d in found], "routing": routing,
                           "device_setting": wanted}, indent=1))

@@ -1,11 +1,12 @@
 """Intel devices: what OpenVINO sees, which device each service should run on, and the
 compile properties the plugin passes for each.
 
-Routing: each service has a preference order over device classes (a discrete GPU before an
-integrated one for chat, the NPU or CPU for embeddings and reranking, any GPU before the CPU
-for images), overridden globally (`device:` in settings, OVMS_PLUGIN_DEVICE) or per model
-(`models: {name: {device: GPU.1}}`). The result is an ordered list of candidates; when
-compiling on one fails the next is tried, and the reasons are kept for ListModels details.
+Routing: each model kind (ovms_plugin.kinds) has a preference order over device classes (a
+discrete GPU before an integrated one for chat, the NPU or CPU for embeddings and reranking,
+any GPU before the CPU for images), overridden globally (`device:` in settings,
+OVMS_PLUGIN_DEVICE) or per model (`models: {name: {device: GPU.1}}`). The result is an
+ordered list of candidates; when compiling on one fails the next is tried, and the reasons
+are kept for ListModels details.
 Everything here takes a device description, so the decisions can be checked against
 laptops this machine is not.
 """
@@ -19,22 +20,19 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("chat", "embed", "rerank", "text-to-image")
-# Device classes in order of preference per service. "GPU.discrete" is an Arc card,
-# "GPU.integrated" the iGPU sharing system memory.
-PREFERENCES: dict[str, tuple[str, ...]] = {
-    "chat": ("GPU.discrete", "GPU.integrated", "CPU"),
-    "embed": ("CPU", "NPU"),
-    "rerank": ("CPU", "NPU"),
-    "text-to-image": ("GPU.discrete", "GPU.integrated", "CPU"),
-}
-# What each engine kind can run on at all.
-SUPPORTED = {
-    "chat": {"CPU", "GPU", "NPU"},  # NPU through LLMPipeline's stateful path
-    "embed": {"CPU", "GPU", "NPU"},
-    "rerank": {"CPU", "GPU", "NPU"},
-    "text-to-image": {"CPU", "GPU", "NPU"},
-}
+
+def routed_services() -> list[str]:
+    """One service per registered kind (its first): what routing is decided for."""
+    from ovms_plugin.kinds import registry as kinds
+    return [k.services[0].name for k in kinds.all() if k.variant_of is None and k.services]
+
+
+def _kind(service: str) -> Any:
+    from ovms_plugin.kinds import registry as kinds
+    kind = kinds.for_service(service)
+    if kind is None:
+        raise ValueError(f"no model kind serves {service!r}")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,8 @@ class Device:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["precisions"] = list(self.precisions)
-        out["services"] = [s for s in SERVICES if self.family in SUPPORTED[s]]
+        out["services"] = [s for s in routed_services()
+                           if self.family in _kind(s).devices_supported]
         return out
 
 
@@ -99,25 +98,16 @@ def candidates(service: str, devices: list[Device], override: str | None = None
         if not order:
             log.warning("device %s is not present (have %s); using the %s default",
                         override, ", ".join(present) or "none", service)
+    kind = _kind(service)
     if not order or wanted == "AUTO":
-        for cls in PREFERENCES[service]:
+        for cls in kind.device_preference:
             order.extend(d.name for d in devices if d.device_class == cls or
                          (cls == d.family and d.family != "GPU"))
     if "CPU" in present or not devices:
         order.append("CPU")
     seen: set[str] = set()
     return [d for d in order if not (d in seen or seen.add(d))
-            and d.split(".")[0] in SUPPORTED[service]]
-
-
-def engine_kind(task: str, device: str) -> str:
-    """LLMs on an NPU run through LLMPipeline's stateful path (ContinuousBatchingPipeline
-    does not run there)."""
-    kind = {"text-generation": "llm", "feature-extraction": "embed",
-            "text-classification": "rerank", "text-to-image": "image"}[task]
-    if kind == "llm" and device.split(".")[0] == "NPU":
-        return "llm_stateful"
-    return kind
+            and d.split(".")[0] in kind.devices_supported]
 
 
 def compile_properties(device: str, task: str, cache_dir: Path | None,
@@ -134,11 +124,10 @@ def compile_properties(device: str, task: str, cache_dir: Path | None,
                                   (cache_mode == "auto" and family in ("GPU", "NPU"))):
         # Compiled blobs: the second load skips compilation.
         props["CACHE_DIR"] = str(cache_dir)
-    if family == "NPU" and task == "text-generation":
-        props["MAX_PROMPT_LEN"] = int(options.get("npu_max_prompt_len", 1024))
-        props["MIN_RESPONSE_LEN"] = int(options.get("npu_min_response_len", 128))
-    if family == "GPU" and task == "text-generation":
-        props["KV_CACHE_PRECISION"] = "f16"
+    from ovms_plugin.kinds import registry as kinds
+    kind = kinds.for_task(task)
+    if kind is not None:  # what the kind's engine needs on this device family
+        props.update(kind.compile_properties(family, options))
     return props
 
 

@@ -186,8 +186,11 @@ def model_settings(name: str, *, data: dict | None = None) -> ModelSettings:
     except (TypeError, ValueError) as e:
         raise SettingsError(f"max_waiting_requests must be an integer, got {waiting!r}") from e
     properties = {**(data.get("properties") or {}), **(per_model.get("properties") or {})}
+    # The registry alone (importing it registers the built-in kinds, which import settings).
+    from ovms_plugin.kinds.registry import all as all_kinds
+    sections = dict.fromkeys(k.options_section for k in all_kinds() if k.options_section)
     options = {kind: {**(data.get(kind) or {}), **(per_model.get(kind) or {})}
-               for kind in ("llm", "embed", "rerank", "image")}
+               for kind in sections}
     return ModelSettings(device=device, properties=properties, scheduler=scheduler,
                          engine=engine, max_waiting_requests=waiting, options=options)
 

@@ -57,8 +57,11 @@ def test_routing_without_the_devices_asked_for():
 
 
 def test_engine_kind_and_properties_per_device(tmp_path: Path):
-    assert devices.engine_kind("text-generation", "NPU") == "llm_stateful"
-    assert devices.engine_kind("text-generation", "GPU.1") == "llm"
+    from ovms_plugin import kinds
+    from ovms_plugin.settings import ModelSettings
+    llm = kinds.for_task("text-generation")
+    assert llm.engine_for("NPU", ModelSettings()).name == "llm_stateful"
+    assert llm.engine_for("GPU.1", ModelSettings()).name == "llm"
     assert devices.compile_properties("NPU", "text-generation", tmp_path) == {
         "CACHE_DIR": str(tmp_path), "MAX_PROMPT_LEN": 1024, "MIN_RESPONSE_LEN": 128}
     assert devices.compile_properties("NPU", "text-generation", tmp_path,
@@ -165,7 +168,8 @@ def test_stateful_path_one_request_at_a_time(home: Path):
             metrics = await lm.client.metrics()
             assert metrics["requests_total"] == 3
             # /metrics exports the stateful engine like the batching one.
-            from ovms_plugin.http.metrics import Exposition, export_models
+            from ovms_plugin.http.metrics import Exposition
+            from ovms_plugin.http.ops import export_models
             exposition = Exposition()
             export_models(exposition, await rt.running())
             assert any(name.endswith("llm_requests_total") for name in exposition.families)
@@ -250,6 +254,7 @@ def test_static_shape_embeddings_match_dynamic(home: Path):
     import numpy as np
 
     from ovms_plugin import devmodels
+    from ovms_plugin.kinds import embed as embed_kind
     from ovms_plugin.service import embed, jsonenc
     src = devmodels.ensure_models(devmodels.default_cache_dir(), ["tiny-embed"])["tiny-embed"]
     for name in ("static", "dynamic"):
@@ -267,7 +272,7 @@ def test_static_shape_embeddings_match_dynamic(home: Path):
         try:
             out = {}
             for name in ("static", "dynamic"):
-                r = await rt.embed(embed.parse_embed({"model": name, "input": texts}))
+                r = await embed_kind.run(rt, embed.parse_embed({"model": name, "input": texts}))
                 r = json.loads(jsonenc.dumps(r))  # as clients get it
                 out[name] = np.asarray([d["embedding"] for d in r["data"]])
             assert rt.models["static"].client.info["static_shapes"] is True
@@ -285,6 +290,7 @@ def test_static_shape_embeddings_match_dynamic(home: Path):
 
 def test_static_shape_images(home: Path):
     from ovms_plugin import devmodels
+    from ovms_plugin.kinds import image as image_kind
     from ovms_plugin.service import image
     src = devmodels.ensure_models(devmodels.default_cache_dir(), ["tiny-sd"])["tiny-sd"]
     shutil.copytree(src, home / "models" / "sd")
@@ -296,7 +302,7 @@ def test_static_shape_images(home: Path):
             async def one(**kw):
                 req = image.parse({"model": "sd", "prompt": "a cat",
                                    "num_inference_steps": 2, **kw})
-                return [data async for kind, data in rt.image(req) if kind == "images"]
+                return [data async for kind, data in image_kind.run(rt, req) if kind == "images"]
             [[png]] = await one(size="64x64")
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
             with pytest.raises(ServiceError, match=r"static shapes: only 64x64, n=1"):

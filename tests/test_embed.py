@@ -236,26 +236,27 @@ def test_engine_matches_text_embedding_pipeline(embed_home: Path, pooling: str,
     import openvino_genai as ov_genai
 
     from ovms_plugin.engine.embed import EmbedEngine
+    from ovms_plugin.kinds.embed import EmbedJob
     folder = embed_home / "models" / MINILM
     f32 = {"INFERENCE_PRECISION_HINT": "f32"}
     texts = sentences()[:40]
     engine = EmbedEngine(folder, {"properties": f32, "embed": {
         "pooling": pooling, "normalize": normalize, "max_length": 64, "max_batch_size": 8,
         "max_wait_ms": 0}})
-    engine.add(7, {"texts": texts, "truncate": True})
+    engine.add(7, EmbedJob(texts, truncate=True))
     outs: list = []
     for _ in range(1000):
         if not engine.has_work():
             break
         outs += engine.step()
-    assert [o[0] for o in outs] == [7] and engine.metrics()["batches_total"] == 5
+    assert [o.req_id for o in outs] == [7] and engine.metrics()["batches_total"] == 5
     cfg = ov_genai.TextEmbeddingPipeline.Config()
     cfg.pooling_type = getattr(ov_genai.TextEmbeddingPipeline.PoolingType, pooling.upper())
     cfg.normalize = normalize
     cfg.max_length = 64
     ref = np.asarray(ov_genai.TextEmbeddingPipeline(str(folder), "CPU", cfg, **f32)
                      .embed_documents(texts))
-    np.testing.assert_allclose(outs[0][1]["vectors"], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(outs[0].result.vectors, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_pooling_does_not_depend_on_the_padding_side():

@@ -10,6 +10,7 @@ that cannot start or dies costs nothing but the inline path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import os
 import random
@@ -72,10 +73,10 @@ class EchoClient:
         self.info = {"device": "CPU"}
         self.payloads: list[dict] = []
 
-    async def submit(self, payload: dict):
+    async def submit(self, payload: Any):
         self.payloads.append(payload)
-        yield Output(payload["ids"][-4:-2], None)
-        yield Output(payload["ids"][-2:], "length")
+        yield Output(payload.ids[-4:-2], None)
+        yield Output(payload.ids[-2:], "length")
 
 
 def runtime_for(tmp_path: Path, folder: Path, tok: Any) -> tuple[Runtime, LoadedModel]:
@@ -84,10 +85,11 @@ def runtime_for(tmp_path: Path, folder: Path, tok: Any) -> tuple[Runtime, Loaded
     lm = LoadedModel(entry=entry, client=EchoClient(), settings=None,  # type: ignore[arg-type]
                      tokenizer=SpyTokenizer(tok), context=8192)
 
-    async def served(model: str, service: str) -> LoadedModel:
-        return lm
+    @contextlib.asynccontextmanager
+    async def lease(model: str, service: str | None = None):
+        yield lm
 
-    runtime._served = served  # type: ignore[method-assign]
+    runtime.lease = lease  # type: ignore[method-assign]
     return runtime, lm
 
 
@@ -129,7 +131,7 @@ def test_long_prompts_go_to_the_helper_with_the_inline_results(
     assert pid != os.getpid()
     # The front end's tokenizer never rendered nor encoded: the helper process did.
     assert spy.calls == []
-    helped_ids = [p["ids"] for p in lm.client.payloads]
+    helped_ids = [p.ids for p in lm.client.payloads]
 
     # The old path: everything inline, on the event loop's thread.
     monkeypatch.setattr(rt_mod, "INLINE_PROMPT_CHARS", 10**9)
@@ -137,7 +139,7 @@ def test_long_prompts_go_to_the_helper_with_the_inline_results(
     inline = [asyncio.run(run_text(runtime, req)) for req in requests]
     assert {name for name, _ in spy.calls} == {"apply_chat_template", "encode"}
     assert all(thread is threading.main_thread() for _, thread in spy.calls)
-    inline_ids = [p["ids"] for p in lm.client.payloads]
+    inline_ids = [p.ids for p in lm.client.payloads]
 
     assert helped_ids == inline_ids
     assert helped == inline  # text, finish reason, prompt and completion token counts
@@ -161,7 +163,7 @@ def test_short_prompts_stay_on_the_event_loop(tmp_path: Path, smollm2: tuple[Pat
     deltas = asyncio.run(main())
     assert [name for name, _ in lm.tokenizer.calls] == ["apply_chat_template", "encode"]
     assert all(thread is threading.main_thread() for _, thread in lm.tokenizer.calls)
-    assert deltas[-1].prompt_tokens == len(lm.client.payloads[0]["ids"])
+    assert deltas[-1].prompt_tokens == len(lm.client.payloads[0].ids)
 
 
 @pytest.fixture
@@ -238,7 +240,7 @@ def test_a_helper_that_cannot_start_or_dies_leaves_the_inline_path(
     monkeypatch.setattr(rt_mod.asyncio, "create_subprocess_exec", no_process)
     deltas = asyncio.run(run_text(runtime, req))
     assert [name for name, _ in lm.tokenizer.calls] == ["apply_chat_template", "encode"]
-    ids = [p["ids"] for p in lm.client.payloads]
+    ids = [p.ids for p in lm.client.payloads]
     assert ids[0] == ids[1] == ids[2]
     assert deltas[-1].prompt_tokens == len(ids[0])
 

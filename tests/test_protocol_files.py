@@ -60,3 +60,17 @@ def test_plugin_yaml_is_what_aog_accepts():
             assert s["timeout"] == -1
     assert {s["service_name"] for s in m["services"]} == {
         "chat", "generate", "embed", "rerank", "text-to-image"}
+
+
+def test_plugin_yaml_services_are_the_registered_kinds():
+    """plugin.yaml declares what the kinds declare (ovms_plugin.kinds), service by service."""
+    from ovms_plugin import kinds
+    declared = {s["service_name"]: s for s in yaml.safe_load(
+        (ROOT / "plugin.yaml").read_text())["services"]}
+    assert list(declared) == kinds.services()
+    for name in kinds.services():
+        svc, s = kinds.service(name), declared[name]
+        streaming = svc.stream is not None if svc.aog_streaming is None else svc.aog_streaming
+        assert (s["task_type"], s["timeout"], s["default_model"],
+                s["capabilities"]["support_streaming"]) == \
+            (svc.task_type, svc.timeout, svc.default_model, streaming), name

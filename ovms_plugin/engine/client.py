@@ -30,26 +30,22 @@ from typing import Any, ClassVar
 
 from ovms_plugin import settings
 from ovms_plugin.engine import ipc
+from ovms_plugin.engine.protocol import EngineFailure, FailureKind
 
 log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    """The engine could not serve the request; `code` is an AOG SDK result code."""
+    """The engine could not serve the request: `failure` says why (service/errors.py
+    turns it into a protocol's code)."""
 
-    def __init__(self, message: str, code: int = 11) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, failure: EngineFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
-
-class EngineBusy(EngineError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=6)
-
-
-class EngineDied(EngineError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code=14)
+    @classmethod
+    def of(cls, kind: FailureKind, message: str) -> EngineError:
+        return cls(EngineFailure(kind, message))
 
 
 @dataclass
@@ -155,14 +151,16 @@ class EngineClient:
             self._stop_watch()
             self.dead_reason = self.dead_reason or \
                 f"engine worker exited with code {code} while loading"
-            raise EngineError(f"loading model {self.name!r} failed: {self.dead_reason} "
-                              "(see the plugin log)", code=3003) from None
+            raise EngineError.of(FailureKind.LOAD_FAILED,
+                                 f"loading model {self.name!r} failed: {self.dead_reason} "
+                                 "(see the plugin log)") from None
         finally:
             self.loading = False
         if msg[0] != "ready":
             await self.stop()
             self.dead_reason = msg[1]
-            raise EngineError(f"loading model {self.name!r} failed: {msg[1]}", code=3003)
+            raise EngineError.of(FailureKind.LOAD_FAILED,
+                                 f"loading model {self.name!r} failed: {msg[1]}")
         self.info = msg[1]
         self._tasks.append(asyncio.create_task(self._read_loop(reader)))
         if self.name in EngineClient._lost:
@@ -206,10 +204,10 @@ class EngineClient:
     def _fail_all(self, reason: str) -> int:
         """Ends every request in flight, and every metrics call, with `reason` (code 14)."""
         for q in self._queues.values():
-            q.put_nowait((None, "error", EngineDied(reason)))
+            q.put_nowait((None, None, (FailureKind.ENGINE_DIED.value, reason)))
         for fut in self._metric_waiters.values():
             if not fut.done():
-                fut.set_exception(EngineDied(reason))
+                fut.set_exception(EngineError.of(FailureKind.ENGINE_DIED, reason))
         return len(self._queues)
 
     # --- the watchdog --------------------------------------------------------------------
@@ -277,7 +275,8 @@ class EngineClient:
 
     def _send(self, msg: Any) -> None:
         if not self.alive or self._writer is None:
-            raise EngineDied(self.dead_reason or f"model {self.name!r} is not running")
+            raise EngineError.of(FailureKind.ENGINE_DIED,
+                                 self.dead_reason or f"model {self.name!r} is not running")
         # Messages of one event-loop turn (gRPC hands over many requests in one) go out in
         # one write: one system call and one wake-up of the worker instead of one per request.
         if not self._outbox:
@@ -293,10 +292,11 @@ class EngineClient:
         """Runs one request; yields its outputs until it finishes. Leaving the iteration
         early (cancellation, client gone, stop string) aborts it in the engine."""
         if self.refusing:
-            raise EngineDied(self.refusing)
+            raise EngineError.of(FailureKind.ENGINE_DIED, self.refusing)
         if self.in_flight >= self.max_in_flight:
-            raise EngineBusy(f"model {self.name!r} is busy: {self.in_flight} requests are "
-                             "already running or waiting; retry shortly")
+            raise EngineError.of(FailureKind.BUSY,
+                                 f"model {self.name!r} is busy: {self.in_flight} requests "
+                                 "are already running or waiting; retry shortly")
         req_id = next(self._ids)
         q: asyncio.Queue = asyncio.Queue()
         if not self.busy:  # the watchdog's clock starts with the work
@@ -309,15 +309,15 @@ class EngineClient:
                 result, finish, error = await q.get()
                 # Steps that piled up while the consumer was busy go out as one output
                 # (token lists are joined): fewer, larger messages when the front end lags.
-                while isinstance(result, list) and finish is None and not q.empty():
+                while isinstance(result, list) and finish is None and error is None \
+                        and not q.empty():
                     more, finish, error = q.get_nowait()
                     if more is not None:
                         result = result + more
-                if error is not None:
+                if error is not None:  # a StepOutput's failure, as it travels
                     finished = True
-                    if isinstance(error, EngineError):
-                        raise error
-                    raise EngineError(error) if self.alive else EngineDied(error)
+                    kind = FailureKind(error[0]) if self.alive else FailureKind.ENGINE_DIED
+                    raise EngineError.of(kind, error[1])
                 if finish is not None:
                     finished = True
                 yield Output(result, finish)

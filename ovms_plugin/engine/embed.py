@@ -13,12 +13,12 @@ alone and 12 % faster when other processes (the front end, clients) take some CP
 a preempted stream no longer stalls the other core (benchmarks/README.md). Tokenization is
 openvino_genai's Tokenizer; pooling (CLS, mean, last token) and L2 normalisation follow
 sentence-transformers and are checked against TextEmbeddingPipeline by the tests.
-  payload: {"texts": [str, ...], "limit": tokens | None, "truncate": bool}
-  -> result: {"vectors": float32 [n, dim], "counts": [tokens per text]} (one output, "stop");
-  over the limit without truncate: {"counts": [...]} alone, nothing run.
+  request: kinds.embed.EmbedJob (texts, limit, truncate)
+  -> result: kinds.embed.EmbedResult (vectors float32 [n, dim], token counts per text), one
+  output, "stop"; over the limit without truncate: the counts alone, nothing run.
 
 Rerank: TextRerankPipeline, one request (query + documents) per step.
-  payload: {"query": str, "documents": [str, ...]}  ->  result: [(index, score), ...]
+  request: kinds.rerank.RerankJob  ->  result: [(document index, score), ...]
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
+
+from ovms_plugin.engine.protocol import StepOutput
+from ovms_plugin.engine.requests import EmbedJob, EmbedResult, RerankJob
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,8 @@ class EmbedEngine:
         self.load_seconds = time.monotonic() - started
         self.queue: deque[_Text] = deque()
         self.pending: dict[int, _Pending] = {}
-        self.arrived: list[tuple[int, dict[str, Any]]] = []  # not tokenized yet
-        self.finished: list[tuple] = []  # answered without running (refused inputs)
+        self.arrived: list[tuple[int, EmbedJob]] = []  # not tokenized yet
+        self.finished: list[StepOutput] = []  # answered without running (refused inputs)
         self.batch_sizes: Counter[int] = Counter()
         self.texts_total = 0
         log.info("loaded %s on %s in %.2fs (pooling %s, normalize %s, batch <= %d, wait "
@@ -125,7 +128,7 @@ class EmbedEngine:
                 "static_shapes": self.static, "parallel_batches": len(self.requests),
                 "openvino": ov.get_version()}
 
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+    def add(self, req_id: int, payload: EmbedJob) -> None:
         self.arrived.append((req_id, payload))
 
     def _tokenize_arrived(self) -> None:
@@ -133,22 +136,23 @@ class EmbedEngine:
         ten times the CPU). The counts are the requests' usage and length check (the front
         end does not tokenize again), and the batcher groups texts by them."""
         arrived, self.arrived = self.arrived, []
-        texts = [t for _, payload in arrived for t in payload["texts"]]
+        texts = [t for _, payload in arrived for t in payload.texts]
         tokens = self.tokenizer.encode(texts)
         ids, mask = tokens.input_ids.data, tokens.attention_mask.data.astype(bool)
         start = 0
         for req_id, payload in arrived:
-            n = len(payload["texts"])
+            n = len(payload.texts)
             rows = [ids[i][mask[i]] for i in range(start, start + n)]
             start += n
             counts = [len(r) for r in rows]
-            limit = payload.get("limit") or self.max_length
+            limit = payload.limit or self.max_length
             if limit and max(counts) > limit:
-                if not payload.get("truncate"):  # refused: the front end names the culprit
-                    self.finished.append((req_id, {"counts": counts}, "stop", None))
+                if not payload.truncate:  # refused: the front end names the culprit
+                    self.finished.append(StepOutput(req_id, EmbedResult(None, counts),
+                                                    "stop"))
                     continue
                 for i in (i for i, c in enumerate(counts) if c > limit):
-                    cut = self.tokenizer.encode([payload["texts"][i]], max_length=limit,
+                    cut = self.tokenizer.encode([payload.texts[i]], max_length=limit,
                                                 truncation=True)
                     rows[i] = cut.input_ids.data[0][cut.attention_mask.data[0].astype(bool)]
             self.pending[req_id] = _Pending([None] * n, n, counts)
@@ -210,7 +214,7 @@ class EmbedEngine:
         while self.idle and self.queue and self._batch_ready():
             self._start(self._take_batch())
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         if self.arrived:
             self._tokenize_arrived()
         if self.finished:
@@ -236,7 +240,7 @@ class EmbedEngine:
         self._start_ready()
         return outs
 
-    def _collect(self, slot: int) -> list[tuple]:
+    def _collect(self, slot: int) -> list[StepOutput]:
         batch, mask = self.running.pop(slot)
         self.idle.append(slot)
         hidden = self.requests[slot].get_output_tensor(0).data
@@ -252,8 +256,8 @@ class EmbedEngine:
             p.left -= 1
             if p.left == 0:
                 del self.pending[req_id]
-                outs.append((req_id, {"vectors": np.asarray(p.vectors, dtype=np.float32),
-                                      "counts": p.counts}, "stop", None))
+                outs.append(StepOutput(req_id, EmbedResult(
+                    np.asarray(p.vectors, dtype=np.float32), p.counts), "stop"))
         return outs
 
     def metrics(self) -> dict[str, Any]:
@@ -278,7 +282,7 @@ class RerankEngine:
         self.pipe = ov_genai.TextRerankPipeline(str(model_dir), self.device, cfg,
                                                 **config.get("properties", {}))
         self.load_seconds = time.monotonic() - started
-        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.queue: deque[tuple[int, RerankJob]] = deque()
         self.requests_total = 0
         log.info("loaded %s on %s in %.2fs", model_dir, self.device, self.load_seconds)
 
@@ -286,7 +290,7 @@ class RerankEngine:
         return {"device": self.device, "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+    def add(self, req_id: int, payload: RerankJob) -> None:
         self.queue.append((req_id, payload))
 
     def abort(self, req_id: int) -> None:
@@ -295,11 +299,11 @@ class RerankEngine:
     def has_work(self) -> bool:
         return bool(self.queue)
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         req_id, p = self.queue.popleft()
-        scores = self.pipe.rerank(p["query"], p["documents"])
+        scores = self.pipe.rerank(p.query, p.documents)
         self.requests_total += 1
-        return [(req_id, [(int(i), float(s)) for i, s in scores], "stop", None)]
+        return [StepOutput(req_id, [(int(i), float(s)) for i, s in scores], "stop")]
 
     def metrics(self) -> dict[str, Any]:
         return {"queued_requests": len(self.queue), "requests_total": self.requests_total}

@@ -1,10 +1,8 @@
 """Text-to-image engine (runs inside a worker process): openvino_genai's
 Text2ImagePipeline, one image request at a time, the rest waiting in order.
 
-payload: {"prompt", "width", "height", "steps", "n", "seed", "guidance_scale"?,
-          "negative_prompt"?}
-outputs: {"step": k, "steps": n} after each denoising step (finish None), then
-         {"images": [png bytes, ...]} with finish "stop".
+requests: kinds.image.ImageJob; outputs: an ImageProgress after each denoising step (finish
+None), then an ImageResult (PNG bytes) with finish "stop".
 A request aborted while it runs stops at the next denoising step (the pipeline's callback
 asks the reader thread's interrupt flags).
 """
@@ -21,7 +19,9 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.png import encode_rgb
+from ovms_plugin.engine.protocol import StepOutput
 from ovms_plugin.engine.queued import QueuedEngine
+from ovms_plugin.engine.requests import ImageJob, ImageProgress, ImageResult
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +59,33 @@ class ImageEngine(QueuedEngine):
                              "guidance_scale": gc.guidance_scale},
                 "static": self.static}
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         req_id, p = self.queue.popleft()
+        assert isinstance(p, ImageJob)
         if self.take_interrupt(req_id):
             return []
-        steps = int(p["steps"])
+        steps = int(p.steps)
 
         def on_step(step: int, num_steps: int, latent: Any) -> bool:
             self.steps_total += 1
-            self.emit([(req_id, {"step": step + 1, "steps": num_steps}, None, None)])
+            self.emit([StepOutput(req_id, ImageProgress(step + 1, num_steps))])
             return self.is_interrupted(req_id)  # True stops the denoising loop
 
         kwargs: dict[str, Any] = {
-            "width": int(p["width"]), "height": int(p["height"]), "num_inference_steps": steps,
-            "num_images_per_prompt": int(p.get("n", 1)),
-            "generator": ov_genai.TorchGenerator(int(p["seed"])), "callback": on_step}
-        if p.get("guidance_scale") is not None:
-            kwargs["guidance_scale"] = float(p["guidance_scale"])
-        if p.get("negative_prompt"):
-            kwargs["negative_prompt"] = p["negative_prompt"]
-        tensor = self.pipe.generate(p["prompt"], **kwargs)
+            "width": int(p.width), "height": int(p.height), "num_inference_steps": steps,
+            "num_images_per_prompt": int(p.n),
+            "generator": ov_genai.TorchGenerator(int(p.seed)), "callback": on_step}
+        if p.guidance_scale is not None:
+            kwargs["guidance_scale"] = float(p.guidance_scale)
+        if p.negative_prompt:
+            kwargs["negative_prompt"] = p.negative_prompt
+        tensor = self.pipe.generate(p.prompt, **kwargs)
         if self.take_interrupt(req_id):
             return []  # the caller is gone; the engine is free for the next one
         images = np.asarray(tensor.data)
         pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
         self.images_total += len(pngs)
-        return [(req_id, {"images": pngs}, "stop", None)]
+        return [StepOutput(req_id, ImageResult(pngs), "stop")]
 
     def metrics(self) -> dict[str, Any]:
         return {"queued_requests": len(self.queue), "images_total": self.images_total,

@@ -4,10 +4,11 @@ Unix socket pair. Both ends are our own code, so pickle is safe here.
 Front end -> worker:  ("add", req_id, payload) | ("abort", req_id) | ("metrics", token)
                       | ("shutdown",)
 Worker -> front end:  ("ready", info) | ("fatal", message)
-                      | ("out", [(req_id, result, finish, error), ...])   one per engine step
+                      | ("out", [StepOutput.wire(), ...])   one per engine step
                       | ("metrics", token, data)
-`payload`/`result` are engine-kind specific (LLM: prompt ids in, new token ids out);
-`finish` is None while a request runs and its finish reason when it ends.
+`payload` is the kind's request dataclass (kinds.llm.LLMRequest, ...); step outputs
+(engine.protocol.StepOutput: result, finish, typed failure) travel as tuples, the cheapest
+thing to pickle, since one message per engine step carries one per running request.
 """
 
 from __future__ import annotations

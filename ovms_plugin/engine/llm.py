@@ -1,10 +1,9 @@
 """LLM engine (runs inside a worker process): openvino_genai's ContinuousBatchingPipeline
 driven by add_request / step / can_read / read.
 
-Request payload: {"ids": [prompt token ids], "max_new_tokens": int, optional "temperature",
-"top_p", "presence_penalty", "frequency_penalty", "seed", "ignore_eos"}.
-Per step, for each request with news: (req_id, [new token ids], finish, error) where finish
-is None, "stop" or "length".
+Requests: kinds.llm.LLMRequest (prompt token ids and sampling settings). Per step, for
+each request with news: a StepOutput with the new token ids and finish None, "stop" or
+"length"; a request that does not fit in the KV cache fails with no_kv_space.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
+from ovms_plugin.engine.requests import LLMRequest
 from ovms_plugin.engine.stats import Histogram
 
 log = logging.getLogger(__name__)
@@ -54,25 +55,25 @@ def default_kwargs(config: Any) -> dict[str, Any]:
     return out
 
 
-def apply_request_config(gc: Any, p: dict[str, Any]) -> Any:
+def apply_request_config(gc: Any, p: LLMRequest) -> Any:
     """A request's sampling settings on top of the model's defaults."""
-    gc.max_new_tokens = int(p["max_new_tokens"])
-    temperature = p.get("temperature")
+    gc.max_new_tokens = int(p.max_new_tokens)
+    temperature = p.temperature
     if temperature is not None:
         gc.do_sample = temperature > 0
         if temperature > 0:
             gc.temperature = float(temperature)
-    if p.get("top_p") is not None and gc.do_sample:
-        gc.top_p = float(p["top_p"])
-    if p.get("presence_penalty") is not None:
-        gc.presence_penalty = float(p["presence_penalty"])
-    if p.get("frequency_penalty") is not None:
-        gc.frequency_penalty = float(p["frequency_penalty"])
-    if p.get("seed") is not None:
-        gc.rng_seed = int(p["seed"]) & 0xFFFFFFFF
+    if p.top_p is not None and gc.do_sample:
+        gc.top_p = float(p.top_p)
+    if p.presence_penalty is not None:
+        gc.presence_penalty = float(p.presence_penalty)
+    if p.frequency_penalty is not None:
+        gc.frequency_penalty = float(p.frequency_penalty)
+    if p.seed is not None:
+        gc.rng_seed = int(p.seed) & 0xFFFFFFFF
     elif gc.do_sample:  # without a seed every sampled request draws its own (GenAI's
         gc.rng_seed = secrets.randbits(32)  # default seed is the same for all of them)
-    if p.get("ignore_eos"):
+    if p.ignore_eos:
         gc.ignore_eos = True
     gc.num_return_sequences = 1
     return gc
@@ -108,13 +109,13 @@ class LLMEngine:
                 "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
-        ids = ov.Tensor(np.asarray([payload["ids"]], dtype=np.int64))
+    def add(self, req_id: int, payload: LLMRequest) -> None:
+        ids = ov.Tensor(np.asarray([payload.ids], dtype=np.int64))
         gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), payload)
         handle = self.pipe.add_request(req_id, ids, gc)
-        self.running[req_id] = _Running(handle, int(payload["max_new_tokens"]))
+        self.running[req_id] = _Running(handle, int(payload.max_new_tokens))
         self.requests_total += 1
-        self.tokens_in_total += len(payload["ids"])
+        self.tokens_in_total += len(payload.ids)
 
     def abort(self, req_id: int) -> None:
         run = self.running.pop(req_id, None)
@@ -126,7 +127,7 @@ class LLMEngine:
     def has_work(self) -> bool:
         return bool(self.running)
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         self.pipe.step()
         self._stopped.clear()
         outs = []
@@ -149,14 +150,14 @@ class LLMEngine:
                 if status == ov_genai.GenerationStatus.FINISHED:
                     finish = "length" if run.generated >= run.max_new_tokens else "stop"
                 else:  # IGNORED without our stop: it did not fit in the KV cache
-                    outs.append((req_id, new, "error",
-                                 "the request did not fit in the engine's KV cache; retry, "
-                                 "or raise the model's scheduler cache_size"))
+                    outs.append(failed(req_id, FailureKind.NO_KV_SPACE,
+                                       "the request did not fit in the engine's KV cache; "
+                                       "retry, or raise the model's scheduler cache_size"))
                     del self.running[req_id]
                     self.finished["error"] += 1
                     continue
             if new or finish:
-                outs.append((req_id, new, finish, None))
+                outs.append(StepOutput(req_id, new, finish))
             if finish:
                 del self.running[req_id]
                 self.finished[finish] += 1

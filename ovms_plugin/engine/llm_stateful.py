@@ -20,6 +20,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.llm import apply_request_config, default_kwargs
+from ovms_plugin.engine.protocol import StepOutput
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.stats import Histogram
 
@@ -63,7 +64,7 @@ class StatefulLLMEngine(QueuedEngine):
         return {"device": self.device, "engine": "stateful",
                 "load_seconds": round(self.load_seconds, 3), "openvino": ov.get_version()}
 
-    def step(self) -> list[tuple]:
+    def step(self) -> list[StepOutput]:
         req_id, p = self.queue.popleft()
         gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), p)
         added = time.monotonic()
@@ -75,20 +76,20 @@ class StatefulLLMEngine(QueuedEngine):
                 first.append(time.monotonic())
                 self.ttft.observe(first[0] - added)
             count[0] += len(ids)
-            self.emit([(req_id, ids, None, None)])
+            self.emit([StepOutput(req_id, ids)])
             return self.is_interrupted(req_id)
 
         self.requests_total += 1
-        self.tokens_in_total += len(p["ids"])
-        ids = ov.Tensor(np.asarray([p["ids"]], dtype=np.int64))
+        self.tokens_in_total += len(p.ids)
+        ids = ov.Tensor(np.asarray([p.ids], dtype=np.int64))
         self.pipe.generate(ids, gc, _Streamer(on_tokens))
         self.tokens_out_total += count[0]
         if self.take_interrupt(req_id):
             return []
         if first and count[0] > 1:
             self.tpot.observe((time.monotonic() - first[0]) / (count[0] - 1))
-        finish = "length" if count[0] >= int(p["max_new_tokens"]) else "stop"
-        return [(req_id, [], finish, None)]
+        finish = "length" if count[0] >= int(p.max_new_tokens) else "stop"
+        return [StepOutput(req_id, [], finish)]
 
     def metrics(self) -> dict[str, Any]:
         return {"running": 1 if self.queue else 0, "waiting": max(0, len(self.queue) - 1),

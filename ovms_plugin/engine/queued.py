@@ -9,17 +9,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ovms_plugin.engine.protocol import StepOutput
+
 
 class QueuedEngine:
     long_steps = True  # metrics are answered from the reader thread, not after the step
 
     def __init__(self) -> None:
-        self.queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self.queue: deque[tuple[int, Any]] = deque()  # (req_id, the kind's request)
         self.interrupted: set[int] = set()
         self.lock = threading.Lock()
-        self.emit: Callable[[list[tuple]], None] = lambda outs: None  # set by the worker
+        self.emit: Callable[[list[StepOutput]], None] = lambda outs: None  # set by the worker
 
-    def add(self, req_id: int, payload: dict[str, Any]) -> None:
+    def add(self, req_id: int, payload: Any) -> None:
         self.queue.append((req_id, payload))
 
     def interrupt(self, req_id: int) -> None:

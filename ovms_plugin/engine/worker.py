@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ovms_plugin.engine import ipc
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.logs import setup_logging
 from ovms_plugin.procs import die_with_parent
 
@@ -36,33 +37,21 @@ log = logging.getLogger("ovms_plugin.worker")
 
 
 class Engine(Protocol):
-    """One engine kind (LLM, embeddings, images): what the worker loop drives."""
+    """One kind's engine (LLM, embeddings, images): what the worker loop drives. `add`
+    takes the kind's request dataclass; `step` returns what came out of one step."""
 
     def info(self) -> dict[str, Any]: ...
     def add(self, req_id: int, payload: Any) -> None: ...
     def abort(self, req_id: int) -> None: ...
     def has_work(self) -> bool: ...
-    def step(self) -> list[tuple]: ...
+    def step(self) -> list[StepOutput]: ...
     def metrics(self) -> dict[str, Any]: ...
 
 
 def make_engine(kind: str, model_dir: Path, config: dict[str, Any]) -> Engine:
-    if kind == "llm":
-        from ovms_plugin.engine.llm import LLMEngine
-        return LLMEngine(model_dir, config)
-    if kind == "llm_stateful":
-        from ovms_plugin.engine.llm_stateful import StatefulLLMEngine
-        return StatefulLLMEngine(model_dir, config)
-    if kind == "embed":
-        from ovms_plugin.engine.embed import EmbedEngine
-        return EmbedEngine(model_dir, config)
-    if kind == "rerank":
-        from ovms_plugin.engine.embed import RerankEngine
-        return RerankEngine(model_dir, config)
-    if kind == "image":
-        from ovms_plugin.engine.image import ImageEngine
-        return ImageEngine(model_dir, config)
-    raise ValueError(f"unknown engine kind {kind!r}")
+    """The engine of a registered kind (ovms_plugin.kinds)."""
+    from ovms_plugin import kinds
+    return kinds.get(kind).make_engine(model_dir, config)
 
 
 class _Sender:
@@ -134,9 +123,9 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
     """The loop: take new messages (blocking only when idle), step, send what came out."""
     progress = progress or _Progress()
     if hasattr(engine, "emit"):  # engines that report progress in the middle of a step
-        def emit(outs: list[tuple]) -> None:
+        def emit(outs: list) -> None:
             progress.count += 1
-            send(("out", outs))
+            send(("out", [o.wire() for o in outs]))
         engine.emit = emit
 
     while True:
@@ -151,14 +140,15 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
                 msgs.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        errors = []
+        errors: list[StepOutput] = []
         for msg in msgs:
             op = msg[0]
             if op == "add":
                 try:
                     engine.add(msg[1], msg[2])
                 except Exception as e:  # a bad request must not take the engine down
-                    errors.append((msg[1], None, "error", f"{type(e).__name__}: {e}"))
+                    errors.append(failed(msg[1], FailureKind.INTERNAL,
+                                         f"{type(e).__name__}: {e}"))
             elif op == "abort":
                 engine.abort(msg[1])
             elif op == "metrics":
@@ -166,11 +156,11 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
             elif op == "shutdown":
                 return
         if errors:
-            send(("out", errors))
+            send(("out", [o.wire() for o in errors]))
         if engine.has_work():
             outs = engine.step()
             if outs:
-                send(("out", outs))
+                send(("out", [o.wire() for o in outs]))
 
 
 def main(argv: list[str] | None = None) -> int:

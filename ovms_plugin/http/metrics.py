@@ -89,6 +89,12 @@ class Exposition:
         samples.append(self._sample(f"{name}_sum", labels, sum_))
         samples.append(self._sample(f"{name}_count", labels, count))
 
+    def hist(self, name: str, help_: str, labels: dict[str, Any], snap: Any) -> None:
+        """A histogram from engine.stats' snapshot (skipped when it is not one)."""
+        if isinstance(snap, dict) and {"buckets", "cumulative", "sum", "count"} <= set(snap):
+            self.histogram(name, help_, labels, snap["buckets"], snap["cumulative"],
+                           snap["sum"], snap["count"])
+
     def render(self) -> str:
         lines = []
         for name, (kind, help_, samples) in self.families.items():
@@ -127,13 +133,7 @@ class HttpMetrics:
                           snap["count"])
 
 
-def _hist(out: Exposition, name: str, help_: str, labels: dict[str, Any], snap: Any) -> None:
-    if isinstance(snap, dict) and {"buckets", "cumulative", "sum", "count"} <= set(snap):
-        out.histogram(name, help_, labels, snap["buckets"], snap["cumulative"], snap["sum"],
-                      snap["count"])
-
-
-def _batch_histogram(sizes: dict[Any, Any]) -> dict[str, Any]:
+def batch_histogram(sizes: dict[Any, Any]) -> dict[str, Any]:
     """The embedding batcher's {size: batches} as a histogram of batch sizes."""
     pairs = []
     for size, n in sizes.items():
@@ -145,67 +145,3 @@ def _batch_histogram(sizes: dict[Any, Any]) -> dict[str, Any]:
     total = sum(n for _, n in pairs)
     return {"buckets": list(BATCH_BUCKETS), "cumulative": [*cumulative, total],
             "sum": sum(s * n for s, n in pairs), "count": total}
-
-
-def export_models(out: Exposition, running: list[dict[str, Any]]) -> None:
-    """Runtime.running()'s loaded models and their engine metrics."""
-    for item in running:
-        d = item.get("details", {})
-        model = {"model": item.get("name", "")}
-        engine = d.get("engine", "")
-        out.gauge("model_loaded", "1 for each loaded model.",
-                  {**model, "engine": engine, "device": d.get("device", "")}, 1)
-        out.gauge("model_alive", "1 while the model's engine worker runs.", model,
-                  1 if d.get("alive") else 0)
-        out.gauge("model_requests_in_flight", "Requests running or waiting in the engine.",
-                  model, d.get("in_flight"))
-        m = d.get("metrics") or {}
-        if engine in ("llm", "llm_stateful"):  # same metrics; the stateful one has no KV stats
-            _export_llm(out, model, m)
-        elif engine == "embed":
-            out.counter("embed_batches_total", "Batches the embedding engine ran.", model,
-                        m.get("batches_total"))
-            out.counter("embed_texts_total", "Texts embedded.", model, m.get("texts_total"))
-            out.gauge("embed_queued_texts", "Texts waiting for a batch.", model,
-                      m.get("queued_texts"))
-            out.gauge("embed_requests_waiting", "Requests with texts not yet embedded.", model,
-                      m.get("requests_waiting"))
-            if isinstance(m.get("batch_sizes"), dict):
-                _hist(out, "embed_batch_size", "Texts per embedding batch.", model,
-                      _batch_histogram(m["batch_sizes"]))
-        elif engine == "rerank":
-            out.counter("rerank_requests_total", "Rerank requests served.", model,
-                        m.get("requests_total"))
-            out.gauge("rerank_queued_requests", "Rerank requests waiting.", model,
-                      m.get("queued_requests"))
-        elif engine == "image":
-            out.counter("image_images_total", "Images generated.", model,
-                        m.get("images_total"))
-            out.counter("image_steps_total", "Denoising steps run.", model,
-                        m.get("steps_total"))
-            out.gauge("image_queued_requests", "Image requests waiting.", model,
-                      m.get("queued_requests"))
-
-
-def _export_llm(out: Exposition, model: dict[str, Any], m: dict[str, Any]) -> None:
-    out.gauge("llm_requests_running", "Requests the LLM engine is generating for.", model,
-              m.get("running"))
-    out.gauge("llm_requests_waiting", "Requests added but not yet scheduled.", model,
-              m.get("waiting"))
-    out.counter("llm_requests_total", "Requests added to the LLM engine.", model,
-                m.get("requests_total"))
-    for reason, n in sorted((m.get("finished") or {}).items()):
-        out.counter("llm_requests_finished_total", "Finished requests, by reason.",
-                    {**model, "reason": reason}, n)
-    out.counter("llm_prompt_tokens_total", "Prompt tokens prefilled.", model,
-                m.get("tokens_in_total"))
-    out.counter("llm_generated_tokens_total", "Tokens generated.", model,
-                m.get("tokens_out_total"))
-    out.gauge("llm_kv_cache_usage_percent", "KV cache in use at the last step, in percent.",
-              model, m.get("cache_usage"))
-    out.gauge("llm_kv_cache_bytes", "Size of the KV cache.", model, m.get("kv_cache_bytes"))
-    _hist(out, "llm_time_to_first_token_seconds", "Time from request to its first token.",
-          model, m.get("ttft_seconds"))
-    _hist(out, "llm_time_per_output_token_seconds",
-          "Mean time per generated token after the first, per request.", model,
-          m.get("tpot_seconds"))

@@ -14,10 +14,11 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from ovms_plugin import engine_check
+from ovms_plugin import engine_check, kinds
 from ovms_plugin.http.common import (
     BODY_TIMEOUT,
     CLIENT_GONE,
@@ -29,7 +30,7 @@ from ovms_plugin.http.common import (
     json_response,
     service_error_response,
 )
-from ovms_plugin.http.metrics import Exposition, export_models
+from ovms_plugin.http.metrics import Exposition
 from ovms_plugin.service.errors import ServiceError
 
 log = logging.getLogger("ovms_plugin.http.access")
@@ -195,3 +196,21 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+
+
+def export_models(out: Exposition, running: list[dict[str, Any]]) -> None:
+    """Runtime.running()'s loaded models and their engine metrics."""
+    for item in running:
+        d = item.get("details", {})
+        model = {"model": item.get("name", "")}
+        engine = d.get("engine", "")
+        out.gauge("model_loaded", "1 for each loaded model.",
+                  {**model, "engine": engine, "device": d.get("device", "")}, 1)
+        out.gauge("model_alive", "1 while the model's engine worker runs.", model,
+                  1 if d.get("alive") else 0)
+        out.gauge("model_requests_in_flight", "Requests running or waiting in the engine.",
+                  model, d.get("in_flight"))
+        m = d.get("metrics") or {}
+        kind = next((k for k in kinds.all() if k.name == engine), None)
+        if kind is not None:  # each kind exports its engine's own families
+            kind.export_metrics(out, model, m)

@@ -29,6 +29,8 @@ guide calls the services under /aog/v0.2/services/.
   providers, the images are written to files on this machine (the server's images folder,
   --images-dir) and their paths returned. `"response_format": "b64_json"` returns
   `{"id", "data": {"b64_json": [...]}}` instead and writes nothing.
+- any other service a registered kind serves: POST /aog/v0.2/services/{service} takes and
+  returns that service's own objects, as InvokeService does.
 - models (GET): `{"models": [{"name", "model", "modified_at", "size", "digest",
   "details"}]}`, the ListModels shape.
 
@@ -181,6 +183,25 @@ async def text_to_image(request: web.Request) -> web.Response:
     return json_response({"id": rid, "data": {"url": paths}})
 
 
+async def chunk_data(chunks: AsyncIterator[invoke.StreamChunk]) -> AsyncIterator[dict[str, Any]]:
+    async with aclosing(chunks) as it:
+        async for c in it:
+            yield c.data
+
+
+async def any_service(request: web.Request) -> web.StreamResponse:
+    """Any other registered kind's service, with its own request and response objects (the
+    ones InvokeService takes and returns): streamed when the body asks and it streams."""
+    service = request.match_info["service"]
+    svc = invoke.lookup(service)
+    body = await _with_model(request, service)
+    rt = request.app[RUNTIME]
+    if body.get("stream") and svc.stream is not None:
+        return await sse_response(request, chunk_data(svc.stream(rt, service, body)),
+                                  done=False)
+    return json_response(await svc.unary(rt, service, body))
+
+
 async def models(request: web.Request) -> web.Response:
     entries = await asyncio.to_thread(request.app[RUNTIME].store.list)
     return json_response({"models": [e.to_aog() for e in entries]})
@@ -193,3 +214,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/rerank", rerank)
     app.router.add_post(f"{PREFIX}/text-to-image", text_to_image)
     app.router.add_get(f"{PREFIX}/models", models)
+    app.router.add_post(f"{PREFIX}/{{service}}", any_service)  # after the ones above

@@ -70,6 +70,7 @@ from ovms_plugin.http.common import (
     read_json,
     stream_response,
 )
+from ovms_plugin.kinds import embed as embed_kind
 from ovms_plugin.service import embed, errors, jsonenc, text
 from ovms_plugin.service.errors import ServiceError, bool_field, invalid
 from ovms_plugin.service.runtime import Runtime
@@ -737,7 +738,7 @@ async def _embed(request: web.Request, body: dict[str, Any], texts: Any, truncat
         load_ns = time.monotonic_ns() - t0
         if req is None:
             return entry, [], 0, load_ns
-        result = await rt.embed(req)
+        result = await embed_kind.run(rt, req)
     finally:
         await asyncio.shield(keep.end(rt, entry.name))
     vectors = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")

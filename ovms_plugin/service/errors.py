@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+from ovms_plugin.engine.protocol import EngineFailure, FailureKind
+
 # AOG SDK result codes (contract §3).
 OK = 0
 INVALID_ARGUMENT = 2
@@ -40,6 +42,14 @@ def public(text: str) -> str:
     text = _OV_ORIGIN.sub("", text)
     text = _ABS_PATH.sub(lambda m: m.group(1) or "(a folder)", text)
     return re.sub(r"\s*\n\s*", " ", text).strip()
+# Engine failures as (AOG code, seconds after which a retry may succeed); the HTTP status
+# follows from the code (a retry-able RESOURCE_EXHAUSTED is 429).
+_ENGINE = {FailureKind.BAD_REQUEST: (INVALID_REQUEST, None),
+           FailureKind.NO_KV_SPACE: (INTERNAL, None),
+           FailureKind.BUSY: (RESOURCE_EXHAUSTED, 1.0),
+           FailureKind.ENGINE_DIED: (UNAVAILABLE, None),
+           FailureKind.LOAD_FAILED: (LOAD_FAILED, None),
+           FailureKind.INTERNAL: (INTERNAL, None)}
 
 
 class ServiceError(Exception):
@@ -64,6 +74,12 @@ class ServiceError(Exception):
         if self.code == RESOURCE_EXHAUSTED and self.retry_after is not None:
             return 429  # busy: retry shortly (a model that cannot fit stays 503)
         return _HTTP.get(self.code, 500)
+
+
+def from_engine(failure: EngineFailure) -> ServiceError:
+    """An engine's refusal or failure as a service error; a busy engine says when to retry."""
+    code, retry_after = _ENGINE[failure.kind]
+    return ServiceError(failure.message, code, retry_after=retry_after)
 
 
 def invalid(message: str, param: str | None = None) -> ServiceError:

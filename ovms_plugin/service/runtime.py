@@ -12,17 +12,18 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
-from contextlib import aclosing, suppress
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from ovms_plugin import devices as devices_mod
-from ovms_plugin import paths
+from ovms_plugin import kinds, paths
 from ovms_plugin import settings as settings_mod
-from ovms_plugin.engine.client import EngineBusy, EngineClient, EngineError
-from ovms_plugin.service import detok, embed, errors
-from ovms_plugin.service import image as image_mod
+from ovms_plugin.engine.client import EngineClient, EngineError, Output
+from ovms_plugin.kinds.llm import LLMRequest
+from ovms_plugin.service import detok, errors
 from ovms_plugin.service.errors import ServiceError, invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
 from ovms_plugin.store import pull as pull_mod
@@ -37,11 +38,38 @@ from ovms_plugin.store.store import (
 
 log = logging.getLogger(__name__)
 
+
+class Client(Protocol):
+    """What the runtime needs of an engine client (engine/client.py's EngineClient, or a
+    test's in-process fake)."""
+
+    kind: str
+    config: dict[str, Any]
+    info: dict[str, Any]
+    dead_reason: str | None
+
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def in_flight(self) -> int: ...
+    async def start(self) -> dict[str, Any]: ...
+    def submit(self, payload: Any) -> AsyncIterator[Output]: ...
+    async def metrics(self, timeout: float = 5.0) -> dict[str, Any]: ...
+    async def stop(self, timeout: float = 1.0) -> None: ...
+    def kill(self) -> None: ...
+
+
+# (name, engine kind, model folder, engine config, max requests in flight) -> a client
+ClientFactory = Callable[[str, str, Path, dict[str, Any], int], Client]
+
+
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    client: EngineClient
+    client: Client
     settings: settings_mod.ModelSettings
+    kind: kinds.Kind | None = None  # the kind whose engine runs it (a variant, maybe)
+    leases: int = 0  # requests holding it: never evicted while any does
     tokenizer: Any = None
     byte_table: detok.ByteTable | None = None  # fast streaming detokenization, when exact
     counter: TokenCounter | None = None
@@ -52,6 +80,11 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     stamp: tuple[int, int] | None = None  # the manifest file it was loaded from
+
+    @property
+    def idle(self) -> bool:
+        """No request holds it or runs on it: it may be evicted."""
+        return not self.leases and not self.client.in_flight
 
 
 def _stamp(entry: ModelEntry) -> tuple[int, int] | None:
@@ -65,10 +98,19 @@ def _stamp(entry: ModelEntry) -> tuple[int, int] | None:
 
 
 class Runtime:
-    def __init__(self, store: ModelStore) -> None:
+    """The model manager: loads models (on the device their kind prefers), leases them to
+    requests, evicts idle ones, and knows nothing of any kind in particular.
+
+    `client_factory` makes engine clients (worker processes by default) and `devices` lists
+    the devices to route to (OpenVINO's by default): tests pass fakes for both."""
+
+    def __init__(self, store: ModelStore, client_factory: ClientFactory = EngineClient,
+                 devices: Callable[[], list[devices_mod.Device]] | None = None) -> None:
         self.store = store
+        self.client_factory = client_factory
         self.models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._discover = devices or devices_mod.discover
         self._found_devices: list[devices_mod.Device] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -114,7 +156,7 @@ class Runtime:
                 await lm.client.stop()
                 del self.models[name]
             entry = self.entry(name)
-            if not entry.services:
+            if kinds.for_task(entry.task) is None:
                 raise ServiceError(f"model {name!r} is a {entry.task} model, which this "
                                    "version cannot serve yet", errors.LOAD_FAILED)
             try:
@@ -127,14 +169,16 @@ class Runtime:
 
     async def _devices(self) -> list[devices_mod.Device]:
         if self._found_devices is None:
-            self._found_devices = await asyncio.to_thread(devices_mod.discover)
+            self._found_devices = await asyncio.to_thread(self._discover)
         return self._found_devices
 
     async def _start(self, name: str, entry: ModelEntry, ms: settings_mod.ModelSettings
                      ) -> LoadedModel:
-        """Starts an engine on the best device for the model's service, falling back to the
+        """Starts an engine on the best device for the model's kind, falling back to the
         next candidate when compiling fails; refuses, or first unloads idle models, when
         the memory budget would be exceeded."""
+        kind = kinds.for_task(entry.task)
+        assert kind is not None  # load() refused models no kind serves
         service = entry.services[0]  # the routing is by the model's first service
         candidates = devices_mod.candidates(service, await self._devices(), ms.device)
         cache_dir = paths.plugin_data_dir() / "cache"
@@ -145,39 +189,22 @@ class Runtime:
         if cache_mode != "never":
             await asyncio.to_thread(devices_mod.prune_cache, cache_dir, cache_max)
         tokenizer = None
-        # Chat templates, prompt ids and rerank counts need the tokenizer here; embedding
-        # engines count their own tokens, and images have none.
-        if entry.task in ("text-generation", "text-classification"):
+        if kind.needs_tokenizer:
             tokenizer = await asyncio.to_thread(_load_tokenizer, entry)
         fallbacks: list[str] = []
         for device in candidates:
-            kind = devices_mod.engine_kind(entry.task, device)
-            if kind == "llm" and ms.engine == "stateful":
-                kind = "llm_stateful"
+            engine = kind.engine_for(device, ms)  # the engine variant, decided once, here
             config: dict[str, Any] = {
                 "device": device,
                 "properties": {**devices_mod.compile_properties(
-                    device, entry.task, cache_dir, ms.options["llm"], cache_mode),
-                    **ms.properties}}
-            if kind == "llm":
-                config["scheduler"] = settings_mod.scheduler_config(
-                    device, ms, entry.size, self._budget_left(exclude=name))
-            elif kind == "embed":
-                config["embed"] = {**embed.sentence_transformers_config(entry.path),
-                                   **ms.options["embed"]}
-                if device.startswith("NPU"):  # the NPU runs static shapes only
-                    config["embed"].setdefault("static_shapes", True)
-            elif kind == "rerank":
-                config["rerank"] = ms.options["rerank"]
-            elif kind == "image":
-                config["image"] = dict(ms.options["image"])
-                if device.startswith("NPU"):
-                    native = image_mod.ImageLimits.of(entry.path, {}).default_side
-                    config["image"].setdefault("static_size", f"{native}x{native}")
-            need = _memory_needed(entry, config)
+                    device, entry.task, cache_dir, ms.options.get(kind.options_section),
+                    cache_mode),
+                    **ms.properties},
+                **engine.engine_config(entry, device, ms, self._budget_left(exclude=name))}
+            need = engine.memory_needed(entry, config)
             await self._make_room(name, need)
-            client = EngineClient(name, kind, entry.path, config,
-                                  _running_capacity(kind, config) + ms.max_waiting_requests)
+            client = self.client_factory(name, engine.name, entry.path, config,
+                                         engine.capacity(config) + ms.max_waiting_requests)
             started = time.monotonic()
             try:
                 await client.start()
@@ -190,19 +217,12 @@ class Runtime:
             log.info("model %s loaded on %s in %.2fs%s", name, device,
                      time.monotonic() - started,
                      f" (after: {'; '.join(fallbacks)})" if fallbacks else "")
-            lm = LoadedModel(entry, client, ms, context=entry.context_length(),
-                             memory_bytes=need, fallbacks=fallbacks, stamp=_stamp(entry))
-            lm.tokenizer = tokenizer
+            lm = LoadedModel(entry, client, ms, kind=engine, tokenizer=tokenizer,
+                             context=entry.context_length(), memory_bytes=need,
+                             fallbacks=fallbacks, stamp=_stamp(entry))
             if tokenizer is not None:
                 lm.counter = TokenCounter(tokenizer)
-            if kind == "embed":
-                lm.context = config["embed"].get("max_length") or lm.context
-            if kind in ("llm", "llm_stateful"):
-                lm.byte_table = await asyncio.to_thread(detok.load_checked, entry.path,
-                                                        tokenizer)
-            if kind == "llm_stateful":  # the NPU pipeline's prompt limit
-                lm.max_prompt = int(config["properties"].get("MAX_PROMPT_LEN")
-                                    or ms.options["llm"].get("max_prompt_len") or 0) or None
+            await engine.on_loaded(lm, config)
             return lm
         raise ServiceError(f"loading model {name!r} failed on every device tried: "
                            f"{'; '.join(fallbacks)}", errors.LOAD_FAILED)
@@ -220,7 +240,7 @@ class Runtime:
             if need <= left and need <= free:
                 return
             idle = sorted((lm.last_used, n) for n, lm in self.models.items()
-                          if n != name and not lm.client.in_flight)
+                          if n != name and lm.idle)
             if not idle:
                 break
             victim = idle[0][1]
@@ -303,7 +323,7 @@ class Runtime:
         now = time.monotonic()
         keep = set(keep)
         idle = [n for n, lm in self.models.items() if n not in keep
-                and not lm.client.in_flight and now - lm.last_used >= max_idle]
+                and lm.idle and now - lm.last_used >= max_idle]
         for name in idle:
             log.info("unloading %s: idle for %.0f s", name, now - self.models[name].last_used)
             await self.unload(name)
@@ -318,8 +338,9 @@ class Runtime:
 
     async def delete(self, name: str) -> None:
         lm = self.models.get(name)
-        if lm is not None and lm.client.in_flight:
-            raise ServiceError(f"model {name!r} is serving {lm.client.in_flight} request(s); "
+        if lm is not None and not lm.idle:
+            busy = max(lm.client.in_flight, lm.leases)
+            raise ServiceError(f"model {name!r} is serving {busy} request(s); "
                                "wait for them to finish or unload it first, then delete",
                                errors.FAILED_PRECONDITION)
         await self.unload(name)
@@ -378,7 +399,12 @@ class Runtime:
     async def text(self, req: TextRequest) -> AsyncIterator[TextDelta]:
         """Runs a chat or generate request; yields text as it is produced. The last delta
         carries finish_reason and the token counts."""
-        lm = await self._served(req.model, req.service)
+        async with self.lease(req.model, req.service) as lm, \
+                aclosing(self._text(lm, req)) as deltas:
+            async for d in deltas:
+                yield d
+
+    async def _text(self, lm: LoadedModel, req: TextRequest) -> AsyncIterator[TextDelta]:
         tok = lm.tokenizer
         try:
             ids = await _prompt_ids(lm, req)
@@ -393,10 +419,10 @@ class Runtime:
                           "raise npu_max_prompt_len in the model's llm settings",
                           "messages")
         max_new = _max_new_tokens(req, n_prompt, lm.context)
-        payload = {"ids": ids, "max_new_tokens": max_new, "temperature": req.temperature,
-                   "top_p": req.top_p, "presence_penalty": req.presence_penalty,
-                   "frequency_penalty": req.frequency_penalty, "seed": req.seed,
-                   "ignore_eos": req.ignore_eos}
+        payload = LLMRequest(ids, max_new, temperature=req.temperature, top_p=req.top_p,
+                             presence_penalty=req.presence_penalty,
+                             frequency_penalty=req.frequency_penalty, seed=req.seed,
+                             ignore_eos=req.ignore_eos)
         detokenizer = detok.FastDetokenizer(lm.byte_table) if lm.byte_table else \
             Detokenizer(tok)
         stops = StopMatcher(req.stop)
@@ -422,68 +448,43 @@ class Runtime:
             raise _engine_failure(e) from None
 
 
-    # --- embeddings and rerank -----------------------------------------------------------
+    # --- leases and engine calls, for every kind ------------------------------------------
 
-    async def _served(self, model: str, service: str) -> LoadedModel:
+    @asynccontextmanager
+    async def lease(self, model: str, service: str | None = None
+                    ) -> AsyncIterator[LoadedModel]:
+        """The model, loaded, for a request's whole life: a leased model is never evicted
+        (to make room or when idle), so nothing can unload it between finding it and
+        submitting to it. `service` is checked against what the model serves."""
         lm = await self.load(model)
-        if service not in lm.entry.services:
+        # No await between the load and the count: an eviction cannot come in between.
+        if service is not None and service not in lm.entry.services:
             raise invalid(f"model {model!r} serves {list(lm.entry.services)}, not "
                           f"{service!r}; pick a {service} model", "model")
-        return lm
+        lm.leases += 1
+        try:
+            yield lm
+        finally:
+            lm.leases -= 1
+            lm.last_used = time.monotonic()
 
-    async def _run_once(self, lm: LoadedModel, payload: dict[str, Any]) -> Any:
+    async def submit(self, lm: LoadedModel, payload: Any) -> AsyncIterator[Output]:
+        """Runs one request on a (leased) model's engine; yields its outputs. Engine
+        failures come out as service errors."""
         try:
             async with aclosing(lm.client.submit(payload)) as outputs:
                 async for out in outputs:
                     lm.last_used = time.monotonic()
-                    return out.result
+                    yield out
         except EngineError as e:
             raise _engine_failure(e) from None
+
+    async def run_once(self, lm: LoadedModel, payload: Any) -> Any:
+        """A request with one result (embeddings, rerank)."""
+        async with aclosing(self.submit(lm, payload)) as outputs:
+            async for out in outputs:
+                return out.result
         raise ServiceError("the engine returned no result", errors.INTERNAL)
-
-    async def embed(self, req: embed.EmbedRequest) -> dict[str, Any]:
-        lm = await self._served(req.model, "embed")
-        opts = lm.settings.options["embed"]
-        prefix = opts.get(f"{req.input_type}_instruction") or ""
-        texts = [prefix + t for t in req.texts] if prefix else req.texts
-        truncate = opts.get("truncate", False) if req.truncate is None else req.truncate
-        # The engine tokenizes anyway: it counts, and answers over-long inputs (without
-        # truncate) with their counts alone, which check_lengths turns into the refusal.
-        result = await self._run_once(lm, {"texts": texts, "limit": lm.context,
-                                           "truncate": truncate})
-        embed.check_lengths(result["counts"], lm.context, truncate, "input")
-        return embed.embedding_response(req, result["vectors"], sum(result["counts"]))
-
-    async def rerank(self, req: embed.RerankRequest) -> dict[str, Any]:
-        lm = await self._served(req.model, "rerank")
-        counts = await lm.counter.count([req.query, *req.documents])
-        truncate = lm.settings.options["rerank"].get("truncate", True) \
-            if req.truncate is None else req.truncate
-        pair_counts = [counts[0] + n for n in counts[1:]]
-        embed.check_lengths(pair_counts, lm.context, truncate, "query plus document")
-        scores = await self._run_once(lm, {"query": req.query, "documents": req.documents})
-        return embed.rerank_response(req, scores, sum(pair_counts))
-
-
-    # --- images ---------------------------------------------------------------------------
-
-    async def image(self, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
-        """Yields ("progress", {"step", "steps"}) per denoising step, then ("images", [png])."""
-        lm = await self._served(req.model, "text-to-image")
-        limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
-        payload = image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
-                                    lm.client.info.get("static"))
-        try:
-            async with aclosing(lm.client.submit(payload)) as outputs:
-                async for out in outputs:
-                    lm.last_used = time.monotonic()
-                    if out.finish is None:
-                        yield "progress", out.result
-                    else:
-                        yield "images", out.result["images"]
-                        return
-        except EngineError as e:
-            raise _engine_failure(e) from None
 
     # --- supervision: engines restarted on their own; shutdown ---------------------------
 
@@ -602,27 +603,7 @@ class Runtime:
 
 
 def _engine_failure(e: EngineError) -> ServiceError:
-    """An engine's refusal or failure as a service error; a busy engine says when to retry."""
-    return ServiceError(str(e), e.code, retry_after=1.0 if isinstance(e, EngineBusy) else None)
-
-
-def _running_capacity(kind: str, config: dict[str, Any]) -> int:
-    """How many requests an engine works on at once; beyond it and max_waiting_requests,
-    requests are refused as busy."""
-    if kind == "llm":
-        return int(config["scheduler"].get("max_num_seqs", 64))
-    if kind == "embed":  # the batcher groups by length better the more it can choose from
-        return max(128, 4 * int(config["embed"].get("max_batch_size", 8)))
-    return 1  # stateful LLM, rerank and image: one request at a time
-
-
-def _memory_needed(entry: ModelEntry, config: dict[str, Any]) -> int:
-    """What loading costs: the weights plus a third for compiled kernels and activations,
-    plus an LLM's KV cache."""
-    need = int(entry.size * 1.33)
-    if "scheduler" in config:
-        need += int(config["scheduler"].get("cache_size", 0)) * 2**30
-    return need
+    return errors.from_engine(e.failure)
 
 
 def _token_counts(tok: Any, texts: list[str]) -> list[int]:

@@ -18,23 +18,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ovms_plugin import kinds
+from ovms_plugin.kinds import ValidationError
 from ovms_plugin.logs import setup_logging
 from ovms_plugin.osutil import peak_rss_bytes
 from ovms_plugin.procs import exit_on_stdin_eof
 
 log = logging.getLogger("ovms_plugin.job")
 
-SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
 
-
-class ValidationError(Exception):
-    pass
+def _kind(task: str) -> kinds.Kind:
+    kind = kinds.for_task(task)
+    if kind is None:
+        raise ValidationError(f"unknown task {task!r}")
+    return kind
 
 
 def convert(src: str, dst: str, task: str, weight_format: str | None, library: str | None,
             trust_remote_code: bool) -> None:
     from ovms_plugin.store.convert import export_to_ir
-    export_task = {"text-generation": "text-generation-with-past"}.get(task, task)
+    export_task = _kind(task).export_task or task
     export_to_ir(Path(src), Path(dst), task=export_task, weight_format=weight_format,
                  library=library, trust_remote_code=trust_remote_code)
 
@@ -58,55 +61,9 @@ def convert_gguf(src: str, dst: str) -> None:
 
 
 def validate(folder: str, task: str, model_type: str | None) -> dict[str, Any]:
-    """Loads the model the way the engine will and runs the smallest real request."""
-    import openvino_genai as ov_genai
-    path = Path(folder)
-    if task == "text-generation":
-        tok = ov_genai.Tokenizer(folder)
-        ids = tok.encode(SAMPLE, add_special_tokens=False).input_ids.data[0].tolist()
-        back = tok.decode(ids)
-        if back != SAMPLE:
-            raise ValidationError(f"the tokenizer does not round-trip text: {SAMPLE!r} came "
-                                  f"back as {back!r}")
-        template = ""
-        try:
-            template = tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                               add_generation_prompt=True)
-        except Exception as e:
-            if model_type == "chat":
-                raise ValidationError(f"the chat template does not render: {e}") from None
-        if model_type == "chat" and "hi" not in template:
-            raise ValidationError("the model has no chat template; pull it as "
-                                  "model_type 'generate', or pick an instruct/chat model")
-        pipe = ov_genai.LLMPipeline(folder, "CPU")
-        pipe.generate("Hello", max_new_tokens=1)
-        return {"chat_template": bool(template)}
-    if task == "feature-extraction":
-        pipe = ov_genai.TextEmbeddingPipeline(folder, "CPU")
-        if not len(pipe.embed_query("hello")):
-            raise ValidationError("the embedding model returned an empty vector")
-        return {}
-    if task == "text-classification":
-        pipe = ov_genai.TextRerankPipeline(folder, "CPU")
-        if len(pipe.rerank("query", ["a document", "another one"])) != 2:
-            raise ValidationError("the reranker did not score every document")
-        return {}
-    if task == "text-to-image":
-        pipe = ov_genai.Text2ImagePipeline(folder, "CPU")
-        side = _smallest_side(path)
-        pipe.generate("a test", width=side, height=side, num_inference_steps=1)
-        return {"smallest_side": side}
-    raise ValidationError(f"unknown task {task!r}")
-
-
-def _smallest_side(folder: Path) -> int:
-    """A small valid image side: 8 latent pixels times the VAE's scale factor."""
-    try:
-        vae = json.loads((folder / "vae_decoder" / "config.json").read_text())
-        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    except (OSError, ValueError):
-        scale = 8
-    return 8 * scale
+    """Loads the model the way the engine will and runs the smallest real request: the
+    kind's validation recipe."""
+    return _kind(task).validate(Path(folder), model_type)
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovms_plugin import builtin, settings
+from ovms_plugin import builtin, kinds, settings
 from ovms_plugin.osutil import file_lock, kill_group, own_group_kwargs
 from ovms_plugin.store import catalog, gguf, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
-    TASK_SERVICES,
     ModelEntry,
     ModelStore,
     StoreError,
@@ -49,20 +48,7 @@ from ovms_plugin.store.store import (
 
 log = logging.getLogger(__name__)
 
-# AOG service name (model_type) -> the task its model must have.
-SERVICE_TASKS = {service: task for task, services in TASK_SERVICES.items()
-                 for service in services}
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
-# Files an installed model of each task must hold.
-REQUIRED_FILES = {
-    "text-generation": ["openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
-                        "openvino_detokenizer.xml"],
-    "feature-extraction": ["openvino_model.xml", "openvino_model.bin",
-                           "openvino_tokenizer.xml"],
-    "text-classification": ["openvino_model.xml", "openvino_model.bin",
-                            "openvino_tokenizer.xml"],
-    "text-to-image": ["model_index.json"],
-}
 # Small files read before any large download, to know what the repo is.
 METADATA = ("config.json", "modules.json", "model_index.json")
 # Weights of other frameworks, never needed for conversion from safetensors.
@@ -100,9 +86,9 @@ class PullRequest:
                   weight_format=body.get("weight_format") or None,
                   trust_remote_code=_flag(body, "trust_remote_code"),
                   convert=_flag(body, "convert"))
-        if req.model_type is not None and req.model_type not in SERVICE_TASKS:
+        if req.model_type is not None and kinds.for_service(req.model_type) is None:
             raise StoreError(f"unknown model_type {req.model_type!r}; use one of "
-                             f"{sorted(SERVICE_TASKS)}")
+                             f"{sorted(kinds.services())}")
         if req.weight_format is not None and req.weight_format not in WEIGHT_FORMATS:
             raise StoreError(f"unknown weight_format {req.weight_format!r}; use one of "
                              f"{list(WEIGHT_FORMATS)}")
@@ -224,21 +210,34 @@ def _check_task(task: str | None, model_type: str | None, where: str) -> str:
         raise StoreError(f"{where} is not a model this plugin can serve: found no "
                          "openvino_model.xml, config.json architectures, modules.json or "
                          "model_index.json it recognises")
-    if model_type and SERVICE_TASKS[model_type] != task:
+    if model_type and _service_task(model_type) != task:
         raise StoreError(f"{where} is a {task} model, but model_type {model_type!r} needs a "
-                         f"{SERVICE_TASKS[model_type]} model; pull it with a matching "
+                         f"{_service_task(model_type)} model; pull it with a matching "
                          "model_type or none")
     return task
 
 
+def _service_task(service: str) -> str:
+    """The task a model of AOG service `service` (model_type) must have."""
+    kind = kinds.for_service(service)
+    assert kind is not None  # PullRequest.from_json refused unknown model types
+    return kind.task
+
+
 def default_weight_format(task: str, n_params: int) -> str:
-    """int4 for LLMs over 1B parameters, int8 for smaller LLMs, fp16 for everything else.
-    Embedding and reranking models stay fp16: int8 weights moved all-MiniLM-L6-v2's vectors
-    to cosine 0.9989 of the original, below the 0.9999 retrieval needs, and bought nothing
-    on CPU (the matrix products run in bf16 or f32 either way)."""
-    if task == "text-generation":
-        return "int4" if n_params > 10**9 else "int8"
-    return "fp16"
+    """The kind's default: int4 for LLMs over 1B parameters, int8 for smaller LLMs, fp16
+    for the others. Embedding and reranking models stay fp16: int8 weights moved
+    all-MiniLM-L6-v2's vectors to cosine 0.9989 of the original, below the 0.9999
+    retrieval needs, and bought nothing on CPU (the matrix products run in bf16 or f32
+    either way)."""
+    return _kind(task).default_weight_format(n_params)
+
+
+def _kind(task: str) -> kinds.Kind:
+    kind = kinds.for_task(task)
+    if kind is None:
+        raise StoreError(f"no model kind serves task {task!r}")
+    return kind
 
 
 def _weights_bytes(files: dict[str, int]) -> int:
@@ -542,9 +541,9 @@ def _is_gguf_repo(paths: set[str]) -> bool:
 
 
 def _check_gguf_request(req: PullRequest, where: str) -> None:
-    if req.model_type and SERVICE_TASKS[req.model_type] != "text-generation":
+    if req.model_type and _service_task(req.model_type) != "text-generation":
         raise StoreError(f"{where} is a GGUF language model, but model_type "
-                         f"{req.model_type!r} needs a {SERVICE_TASKS[req.model_type]} model; "
+                         f"{req.model_type!r} needs a {_service_task(req.model_type)} model; "
                          "GGUF pulls serve chat and generate")
     if req.weight_format:
         raise StoreError("weight_format does not apply to a GGUF file: it keeps its own "
@@ -641,10 +640,11 @@ def _convert(src: Path, dst: Path, task: str, weight_format: str | None, req: Pu
 def _finish(store: ModelStore, staged: Path, name: str, task: str, req: PullRequest,
             progress: Progress, cancel: threading.Event, hashes: dict[str, str],
             **fields: Any) -> ModelEntry:
-    missing = [f for f in REQUIRED_FILES[task] if not (staged / f).is_file()]
+    required = _kind(task).required_files
+    missing = [f for f in required if not (staged / f).is_file()]
     if missing:
         raise StoreError(f"the model is incomplete: {', '.join(missing)} missing (a {task} "
-                         f"model needs {', '.join(REQUIRED_FILES[task])})")
+                         f"model needs {', '.join(required)})")
     progress({"status": "validating"})
     result = run_job({"validate": {"folder": str(staged), "task": task,
                                    "model_type": req.model_type}}, cancel)

@@ -29,15 +29,6 @@ STAGING = ".staging"
 # leave the store.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
 
-# What a model folder is for, by task; the services each task can serve.
-TASK_SERVICES = {
-    "text-generation": ("chat", "generate"),
-    "feature-extraction": ("embed",),
-    "text-classification": ("rerank",),
-    "text-to-image": ("text-to-image",),
-}
-
-
 class StoreError(Exception):
     """A store operation failed; the message says what to do."""
 
@@ -91,31 +82,20 @@ def rfc3339(ts: float) -> str:
 
 def task_from(files: set[str], config: dict[str, Any]) -> str | None:
     """The task of a model from its file names and config.json, for OpenVINO IR and
-    Hugging Face formats alike (a local folder or a Hub repo's file list)."""
-    if "model_index.json" in files:
-        return "text-to-image"
-    if "modules.json" in files:
-        return "feature-extraction"
-    archs = config.get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "text-classification"
-    if "openvino_detokenizer.xml" in files or any(
-            a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "text-generation"
-    if "openvino_model.xml" in files or any(a.endswith(("Model", "ForMaskedLM"))
-                                             for a in archs):
-        return "feature-extraction"
-    return None
+    Hugging Face formats alike (a local folder or a Hub repo's file list): the task of the
+    kind whose recognition rule claims it most specifically."""
+    from ovms_plugin.kinds import registry as kinds
+    kind = kinds.recognise(files, config)
+    return kind.task if kind else None
 
 
 def is_openvino(files: set[str]) -> bool:
-    """OpenVINO IR at the top of the folder (a diffusers pipeline keeps one IR per component
-    folder). IR only in a subfolder beside other formats (sentence-transformers repos ship
-    openvino/ and onnx/ exports of their own) does not count: those are converted."""
-    if "openvino_model.xml" in files:
-        return True
-    return "model_index.json" in files and \
-        any(f.count("/") == 1 and f.endswith("/openvino_model.xml") for f in files)
+    """Files some kind's engine loads as they are: OpenVINO IR at the top of the folder (a
+    diffusers pipeline keeps one IR per component folder). IR only in a subfolder beside
+    other formats (sentence-transformers repos ship openvino/ and onnx/ exports of their
+    own) does not count: those are converted."""
+    from ovms_plugin.kinds import registry as kinds
+    return kinds.is_native(files)
 
 
 def relative_files(folder: Path) -> set[str]:
@@ -158,7 +138,10 @@ class ModelEntry:
 
     @property
     def services(self) -> tuple[str, ...]:
-        return TASK_SERVICES.get(self.task, ())
+        """The services of its kind (none when no registered kind serves its task)."""
+        from ovms_plugin.kinds import registry as kinds
+        kind = kinds.for_task(self.task)
+        return tuple(s.name for s in kind.services) if kind else ()
 
     @property
     def size(self) -> int:

@@ -1,0 +1,114 @@
+"""Text-to-image: Text2ImagePipeline, one request at a time, progress per denoising step
+(engine/image.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ovms_plugin.engine.requests import ImageJob, ImageProgress, ImageResult  # noqa: F401 (this kind's)
+from ovms_plugin.kinds.base import Kind, Service, StreamChunk
+from ovms_plugin.service import errors
+from ovms_plugin.service import image as image_mod
+from ovms_plugin.service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from ovms_plugin.http.metrics import Exposition
+    from ovms_plugin.service.runtime import Runtime
+    from ovms_plugin.settings import ModelSettings
+    from ovms_plugin.store.store import ModelEntry
+
+
+async def run(rt: Runtime, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
+    """Yields ("progress", ImageProgress) per denoising step, then ("images", [png])."""
+    async with rt.lease(req.model, "text-to-image") as lm:
+        limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
+        job = ImageJob(**image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
+                                           lm.client.info.get("static")))
+        async with aclosing(rt.submit(lm, job)) as outputs:
+            async for out in outputs:
+                if out.finish is None:
+                    yield "progress", out.result
+                else:
+                    yield "images", out.result.images
+                    return
+
+
+async def unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
+    async with aclosing(run(rt, image_mod.parse(body))) as events:
+        async for kind, data in events:
+            if kind == "images":
+                return image_mod.response(data)
+    raise ServiceError("the image engine returned no image", errors.INTERNAL)
+
+
+async def stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
+    async with aclosing(run(rt, image_mod.parse(body))) as events:
+        async for kind, data in events:
+            if kind == "progress":
+                yield StreamChunk(image_mod.progress_event(data.step, data.steps))
+            else:
+                yield StreamChunk(image_mod.response(data), final=True)
+
+
+def _smallest_side(folder: Path) -> int:
+    """A small valid image side: 8 latent pixels times the VAE's scale factor."""
+    try:
+        vae = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    except (OSError, ValueError):
+        scale = 8
+    return 8 * scale
+
+
+class ImageKind(Kind):
+    name = "image"
+    task = "text-to-image"
+    services = (Service("text-to-image", unary, stream, task_type="text-to-image",
+                        timeout=-1, default_model="stable-diffusion-v1.5",
+                        # AOG reads one JSON body for images; the progress stream is for
+                        # direct callers.
+                        aog_streaming=False),)
+    required_files = ("model_index.json",)
+    options_section = "image"
+    device_preference = ("GPU.discrete", "GPU.integrated", "CPU")
+
+    def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:
+        return 0 if "model_index.json" in files else None  # diffusers
+
+    def is_native(self, files: set[str]) -> bool:
+        # A diffusers pipeline keeps one IR per component folder.
+        return "model_index.json" in files and \
+            any(f.count("/") == 1 and f.endswith("/openvino_model.xml") for f in files)
+
+    def validate(self, folder: Path, model_type: str | None) -> dict[str, Any]:
+        import openvino_genai as ov_genai
+        pipe = ov_genai.Text2ImagePipeline(str(folder), "CPU")
+        side = _smallest_side(folder)
+        pipe.generate("a test", width=side, height=side, num_inference_steps=1)
+        return {"smallest_side": side}
+
+    def make_engine(self, model_dir: Path, config: dict[str, Any]) -> Any:
+        from ovms_plugin.engine.image import ImageEngine
+        return ImageEngine(model_dir, config)
+
+    def engine_config(self, entry: ModelEntry, device: str, ms: ModelSettings,
+                      budget_left: int) -> dict[str, Any]:
+        config = dict(ms.options["image"])
+        if device.startswith("NPU"):
+            native = image_mod.ImageLimits.of(entry.path, {}).default_side
+            config.setdefault("static_size", f"{native}x{native}")
+        return {"image": config}
+
+    def export_metrics(self, out: Exposition, labels: dict[str, Any],
+                       m: dict[str, Any]) -> None:
+        out.counter("image_images_total", "Images generated.", labels, m.get("images_total"))
+        out.counter("image_steps_total", "Denoising steps run.", labels, m.get("steps_total"))
+        out.gauge("image_queued_requests", "Image requests waiting.", labels,
+                  m.get("queued_requests"))
+
+
+KIND = ImageKind()

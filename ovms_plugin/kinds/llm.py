@@ -1,0 +1,183 @@
+"""LLMs: chat and generate on OpenVINO GenAI's continuous-batching pipeline (engine/llm.py).
+On the NPU, or with `engine: stateful`, the same models run on the stateful LLMPipeline
+variant (kinds/llm_stateful.py), decided here once per device.
+
+The front end renders the chat template, tokenizes, detokenizes and applies stop strings
+(Runtime.text); these handlers turn request bodies into TextRequests and text deltas into
+OpenAI objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ovms_plugin import settings as settings_mod
+from ovms_plugin.engine.requests import LLMRequest  # noqa: F401 (this kind's)
+from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
+from ovms_plugin.service import detok, text
+
+if TYPE_CHECKING:
+    from ovms_plugin.http.metrics import Exposition
+    from ovms_plugin.service.runtime import LoadedModel, Runtime
+    from ovms_plugin.settings import ModelSettings
+    from ovms_plugin.store.store import ModelEntry
+
+SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+async def text_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
+    req = text.parse(service, body)
+    rid = text.new_id(service)
+    d = await text.collect(rt.text(req))
+    return text.completion(req, rid, d.text, d.finish_reason, d.prompt_tokens,
+                           d.completion_tokens)
+
+
+async def text_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
+    req = text.parse(service, body)
+    rid, created = text.new_id(service), int(time.time())
+    first = True
+    async with aclosing(rt.text(req)) as deltas:
+        async for d in deltas:
+            if d.finish_reason is None:
+                yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
+            else:
+                if first or d.text:
+                    yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
+                usage = text.usage(d.prompt_tokens, d.completion_tokens)
+                if req.include_usage:  # OpenAI: usage in a chunk of its own, after the finish
+                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason))
+                    yield StreamChunk(text.usage_chunk(req, rid, created, usage), final=True)
+                else:
+                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason,
+                                                 usage_=usage), final=True)
+            first = False
+
+
+def _validate_text_model(folder: Path, model_type: str | None) -> dict[str, Any]:
+    import openvino_genai as ov_genai
+    tok = ov_genai.Tokenizer(str(folder))
+    ids = tok.encode(SAMPLE, add_special_tokens=False).input_ids.data[0].tolist()
+    back = tok.decode(ids)
+    if back != SAMPLE:
+        raise ValidationError(f"the tokenizer does not round-trip text: {SAMPLE!r} came "
+                              f"back as {back!r}")
+    template = ""
+    try:
+        template = tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                           add_generation_prompt=True)
+    except Exception as e:
+        if model_type == "chat":
+            raise ValidationError(f"the chat template does not render: {e}") from None
+    if model_type == "chat" and "hi" not in template:
+        raise ValidationError("the model has no chat template; pull it as "
+                              "model_type 'generate', or pick an instruct/chat model")
+    pipe = ov_genai.LLMPipeline(str(folder), "CPU")
+    pipe.generate("Hello", max_new_tokens=1)
+    return {"chat_template": bool(template)}
+
+
+def export_llm_metrics(out: Exposition, model: dict[str, Any], m: dict[str, Any]) -> None:
+    out.gauge("llm_requests_running", "Requests the LLM engine is generating for.", model,
+              m.get("running"))
+    out.gauge("llm_requests_waiting", "Requests added but not yet scheduled.", model,
+              m.get("waiting"))
+    out.counter("llm_requests_total", "Requests added to the LLM engine.", model,
+                m.get("requests_total"))
+    for reason, n in sorted((m.get("finished") or {}).items()):
+        out.counter("llm_requests_finished_total", "Finished requests, by reason.",
+                    {**model, "reason": reason}, n)
+    out.counter("llm_prompt_tokens_total", "Prompt tokens prefilled.", model,
+                m.get("tokens_in_total"))
+    out.counter("llm_generated_tokens_total", "Tokens generated.", model,
+                m.get("tokens_out_total"))
+    out.gauge("llm_kv_cache_usage_percent", "KV cache in use at the last step, in percent.",
+              model, m.get("cache_usage"))
+    out.gauge("llm_kv_cache_bytes", "Size of the KV cache.", model, m.get("kv_cache_bytes"))
+    out.hist("llm_time_to_first_token_seconds", "Time from request to its first token.",
+             model, m.get("ttft_seconds"))
+    out.hist("llm_time_per_output_token_seconds",
+             "Mean time per generated token after the first, per request.", model,
+             m.get("tpot_seconds"))
+
+
+class LLMKind(Kind):
+    name = "llm"
+    task = "text-generation"
+    services = (
+        Service("chat", text_unary, text_stream, task_type="text-generation", timeout=-1,
+                default_model=DEFAULT_MODEL),
+        Service("generate", text_unary, text_stream, task_type="text-generation",
+                timeout=-1, default_model=DEFAULT_MODEL),
+    )
+    required_files = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
+                      "openvino_detokenizer.xml")
+    export_task = "text-generation-with-past"
+    needs_tokenizer = True  # chat templates and prompt ids
+    options_section = "llm"
+    device_preference = ("GPU.discrete", "GPU.integrated", "CPU")
+
+    def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:
+        archs = config.get("architectures") or []
+        if "openvino_detokenizer.xml" in files or any(
+                a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return 30
+        return None
+
+    def default_weight_format(self, n_params: int) -> str:
+        """int4 for LLMs over 1B parameters, int8 for smaller ones."""
+        return "int4" if n_params > 10**9 else "int8"
+
+    def validate(self, folder: Path, model_type: str | None) -> dict[str, Any]:
+        return _validate_text_model(folder, model_type)
+
+    def engine_for(self, device: str, ms: ModelSettings) -> Kind:
+        """ContinuousBatchingPipeline does not run on the NPU: LLMs there (and anywhere
+        with `engine: stateful`) run through LLMPipeline's stateful path."""
+        from ovms_plugin.kinds.registry import get
+        if device.split(".")[0] == "NPU" or ms.engine == "stateful":
+            return get("llm_stateful")
+        return self
+
+    def make_engine(self, model_dir: Path, config: dict[str, Any]) -> Any:
+        from ovms_plugin.engine.llm import LLMEngine
+        return LLMEngine(model_dir, config)
+
+    def engine_config(self, entry: ModelEntry, device: str, ms: ModelSettings,
+                      budget_left: int) -> dict[str, Any]:
+        return {"scheduler": settings_mod.scheduler_config(device, ms, entry.size,
+                                                           budget_left)}
+
+    def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
+        if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes
+            return {"MAX_PROMPT_LEN": int(options.get("npu_max_prompt_len", 1024)),
+                    "MIN_RESPONSE_LEN": int(options.get("npu_min_response_len", 128))}
+        if family == "GPU":
+            return {"KV_CACHE_PRECISION": "f16"}
+        return {}
+
+    def capacity(self, config: dict[str, Any]) -> int:
+        return int(config["scheduler"].get("max_num_seqs", 64))
+
+    def memory_needed(self, entry: ModelEntry, config: dict[str, Any]) -> int:
+        """The weights and kernels, plus the KV cache."""
+        need = super().memory_needed(entry, config)
+        return need + int(config.get("scheduler", {}).get("cache_size", 0)) * 2**30
+
+    async def on_loaded(self, lm: LoadedModel, config: dict[str, Any]) -> None:
+        # Fast streaming detokenization, when it is exact for this tokenizer.
+        lm.byte_table = await asyncio.to_thread(detok.load_checked, lm.entry.path,
+                                                lm.tokenizer)
+
+    def export_metrics(self, out: Exposition, labels: dict[str, Any],
+                       m: dict[str, Any]) -> None:
+        export_llm_metrics(out, labels, m)
+
+
+KIND = LLMKind()
