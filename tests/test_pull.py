@@ -165,6 +165,20 @@ def test_concurrent_pulls_share_one_download(hub: HubServer, store: ModelStore,
     assert [e.name for e in store.list()] == ["OpenVINO/tiny-chat-ov"]
 
 
+def conversion_processes() -> list[int]:
+    """The conversion job processes below this one, and what they started (other tests'
+    children, such as a prompt helper still idling, are not counted)."""
+    found = []
+    for pid in descendants(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ovms_plugin.store.job" in cmdline:
+            found += [pid, *descendants(pid)]
+    return found
+
+
 def assert_no_leftovers(store: ModelStore) -> None:
     for folder in (store.root / STAGING, store.root / ".downloads"):
         assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
@@ -207,7 +221,7 @@ def test_cancel_mid_conversion_kills_the_job_and_keeps_the_download(hub: HubServ
 
     def progress(msg: dict) -> None:
         if msg.get("status", "").startswith("converting"):
-            threading.Timer(1.0, lambda: (jobs.extend(descendants(os.getpid())),
+            threading.Timer(1.0, lambda: (jobs.extend(conversion_processes()),
                                           cancel.set())).start()
 
     with pytest.raises(pull.PullCancelled):
