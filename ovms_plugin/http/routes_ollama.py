@@ -851,14 +851,20 @@ def show(entry: ModelEntry, template: str | None) -> dict[str, Any]:
             "modified_at": entry.to_aog()["modified_at"]}
 
 
+async def _installed(request: web.Request, fields: Any, route: str) -> ModelEntry:
+    """The installed model a body of `route` names (`model` or `name`), fields checked."""
+    body = await read_json(request)
+    check_fields(body, fields, route)
+    entry = await asyncio.to_thread(resolve, request.app[RUNTIME],
+                                    model_field(body, alias=True))
+    request[MODEL] = entry.name
+    return entry
+
+
 @ollama_errors
 async def api_show(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    check_fields(body, SHOW_FIELDS, "/api/show")
-    requested = model_field(body, alias=True)
     rt = request.app[RUNTIME]
-    entry = await asyncio.to_thread(resolve, rt, requested)
-    request[MODEL] = entry.name
+    entry = await _installed(request, SHOW_FIELDS, "/api/show")
     template = None
     lm = rt.models.get(entry.name)
     if lm is not None and lm.tokenizer is not None:
@@ -869,12 +875,8 @@ async def api_show(request: web.Request) -> web.Response:
 
 @ollama_errors
 async def api_delete(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    check_fields(body, DELETE_FIELDS, "/api/delete")
-    requested = model_field(body, alias=True)
     rt = request.app[RUNTIME]
-    entry = await asyncio.to_thread(resolve, rt, requested)
-    request[MODEL] = entry.name
+    entry = await _installed(request, DELETE_FIELDS, "/api/delete")
     await rt.delete(entry.name)
     request.app[KEEP].expiry.pop(entry.name, None)
     return web.Response(status=200)
