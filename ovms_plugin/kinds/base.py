@@ -61,6 +61,9 @@ class Kind:
     export_task: str | None = None  # optimum's task for conversion (None: `task`)
     needs_tokenizer: bool = False  # the front end loads the model's tokenizer
     options_section: str = ""  # settings.yaml's section of engine options for it
+    # The dataclass of that section's options (fields made with settings.option: type,
+    # default, one-line doc); settings.yaml is checked against it on load.
+    options_type: type | None = None
     device_preference: tuple[str, ...] = ("CPU",)  # device classes, best first
     devices_supported: frozenset[str] = frozenset({"CPU", "GPU", "NPU"})
     variant_of: str | None = None  # an engine variant of another kind (not in the store)

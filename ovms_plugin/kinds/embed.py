@@ -3,18 +3,44 @@ tokenizes and counts itself, so the front end holds no tokenizer for these model
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovms_plugin.engine.requests import EmbedJob, EmbedResult
 from ovms_plugin.kinds.base import Kind, Service, ValidationError
 from ovms_plugin.service import embed
+from ovms_plugin.settings import option
 
 if TYPE_CHECKING:
     from ovms_plugin.http.metrics import Exposition
     from ovms_plugin.service.runtime import LoadedModel, Runtime
     from ovms_plugin.settings import ModelSettings
     from ovms_plugin.store.store import ModelEntry
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """settings.yaml's `embed:` section (globally or in a model's); the model's own
+    sentence-transformers files give pooling, normalize and max_length unless set here."""
+
+    pooling: str | None = option(None, "cls, mean or last_token (default: the model's, "
+                                       "else mean)", choices=("cls", "mean", "last_token"))
+    normalize: bool | None = option(None, "scale vectors to length 1 (default: the "
+                                          "model's, else true)")
+    max_length: int | None = option(None, "tokens per text (default: the model's; 256 "
+                                          "with static shapes)", minimum=1)
+    truncate: bool = option(False, "cut over-long texts instead of refusing them (a "
+                                   "request's own truncate wins)")
+    query_instruction: str = option("", "a prefix for texts sent with input_type query")
+    document_instruction: str = option("", "a prefix for texts sent with input_type "
+                                           "document")
+    max_batch_size: int = option(8, "texts per batch", minimum=1)
+    max_wait_ms: float = option(2.0, "how long a batch may wait for more texts", minimum=0)
+    parallel_batches: int | None = option(None, "batches run at once (default: OpenVINO's "
+                                                "optimal number)", minimum=1)
+    static_shapes: bool | None = option(None, "every batch max_batch_size texts of "
+                                              "max_length tokens (default: on the NPU only)")
 
 
 async def run(rt: Runtime, req: embed.EmbedRequest) -> dict[str, Any]:
@@ -41,6 +67,7 @@ class EmbedKind(Kind):
                         default_model="all-minilm-l6-v2"),)
     required_files = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml")
     options_section = "embed"
+    options_type = EmbedOptions
     device_preference = ("CPU", "NPU")
 
     def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +16,37 @@ from ovms_plugin.kinds.base import Kind, Service, StreamChunk
 from ovms_plugin.service import errors
 from ovms_plugin.service import image as image_mod
 from ovms_plugin.service.errors import ServiceError
+from ovms_plugin.settings import option
 
 if TYPE_CHECKING:
     from ovms_plugin.http.metrics import Exposition
     from ovms_plugin.service.runtime import Runtime
     from ovms_plugin.settings import ModelSettings
     from ovms_plugin.store.store import ModelEntry
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """settings.yaml's `image:` section (globally or in a model's)."""
+
+    min_size: int | None = option(None, "the smallest side accepted, in pixels (default: "
+                                        "an eighth of the model's native side)", minimum=1)
+    max_size: int | None = option(None, "the largest side accepted, in pixels (default: "
+                                        "twice the native side, at most 4096)", minimum=1)
+    static_size: str | None = option(None, "WIDTHxHEIGHT compiled in, the only size served "
+                                           "(default: the native size on the NPU only)")
+    static_n: int = option(1, "with static_size: images per request", minimum=1)
+    static_guidance_scale: float = option(7.5, "with static_size: the guidance scale",
+                                          minimum=0)
+
+    def __post_init__(self) -> None:
+        if self.static_size is not None and \
+                not re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", self.static_size):
+            raise ValueError(f"static_size must be WIDTHxHEIGHT like 512x512, got "
+                             f"{self.static_size!r}")
+        if self.min_size and self.max_size and self.min_size > self.max_size:
+            raise ValueError(f"min_size must not be over max_size, got {self.min_size} and "
+                             f"{self.max_size}")
 
 
 async def run(rt: Runtime, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
@@ -74,6 +101,7 @@ class ImageKind(Kind):
                         aog_streaming=False),)
     required_files = ("model_index.json",)
     options_section = "image"
+    options_type = ImageOptions
     device_preference = ("GPU.discrete", "GPU.integrated", "CPU")
 
     def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,19 @@ def export_llm_metrics(out: Exposition, model: dict[str, Any], m: dict[str, Any]
              m.get("tpot_seconds"))
 
 
+@dataclass(frozen=True)
+class LLMOptions:
+    """settings.yaml's `llm:` section (globally or in a model's), for both LLM engines."""
+
+    npu_max_prompt_len: int = settings_mod.option(
+        1024, "NPU: the longest prompt in tokens, compiled in", minimum=1)
+    npu_min_response_len: int = settings_mod.option(
+        128, "NPU: the tokens kept for the answer, compiled in", minimum=1)
+    max_prompt_len: int | None = settings_mod.option(
+        None, "the stateful engine off the NPU: refuse longer prompts (default: no limit)",
+        minimum=1)
+
+
 class LLMKind(Kind):
     name = "llm"
     task = "text-generation"
@@ -121,6 +135,7 @@ class LLMKind(Kind):
     export_task = "text-generation-with-past"
     needs_tokenizer = True  # chat templates and prompt ids
     options_section = "llm"
+    options_type = LLMOptions
     device_preference = ("GPU.discrete", "GPU.integrated", "CPU")
 
     def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:
@@ -156,8 +171,9 @@ class LLMKind(Kind):
 
     def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
         if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes
-            return {"MAX_PROMPT_LEN": int(options.get("npu_max_prompt_len", 1024)),
-                    "MIN_RESPONSE_LEN": int(options.get("npu_min_response_len", 128))}
+            opts = LLMOptions(**options)
+            return {"MAX_PROMPT_LEN": opts.npu_max_prompt_len,
+                    "MIN_RESPONSE_LEN": opts.npu_min_response_len}
         if family == "GPU":
             return {"KV_CACHE_PRECISION": "f16"}
         return {}

@@ -4,18 +4,30 @@ refuse over-long pairs before they reach the engine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovms_plugin.engine.requests import RerankJob
 from ovms_plugin.kinds.base import Kind, Service, ValidationError
 from ovms_plugin.service import embed
+from ovms_plugin.settings import option
 
 if TYPE_CHECKING:
     from ovms_plugin.http.metrics import Exposition
     from ovms_plugin.service.runtime import Runtime
     from ovms_plugin.settings import ModelSettings
     from ovms_plugin.store.store import ModelEntry
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """settings.yaml's `rerank:` section (globally or in a model's)."""
+
+    truncate: bool = option(True, "cut over-long query-document pairs instead of refusing "
+                                  "them (a request's own truncate wins)")
+    max_length: int | None = option(None, "tokens per query-document pair (default: the "
+                                          "model's)", minimum=1)
 
 
 async def run(rt: Runtime, req: embed.RerankRequest) -> dict[str, Any]:
@@ -43,6 +55,7 @@ class RerankKind(Kind):
     required_files = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml")
     needs_tokenizer = True  # rerank token counts
     options_section = "rerank"
+    options_type = RerankOptions
     device_preference = ("CPU", "NPU")
 
     def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:
