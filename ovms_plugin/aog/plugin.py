@@ -157,6 +157,8 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
     loop = asyncio.get_running_loop()
     loop.run_in_executor(None, gc_quietly, runtime.store)  # leftovers of killed pulls
     loop.add_signal_handler(signal.SIGTERM, shutdown.set)
+    from ovms_plugin import settings
+    settings.reload_on_sighup(loop)  # `kill -HUP` reads settings.yaml again at once
     # Import OpenVINO now, in the background, so the first real call does not pay for it.
     check = asyncio.create_task(engine_check.check())
     idle = asyncio.create_task(_unload_idle(runtime))

@@ -99,7 +99,7 @@ def configured_origins(flag: Any = None) -> tuple[str, ...]:
             return parse_origins(flag)
         if os.environ.get(ENV):
             return parse_origins(os.environ[ENV], ENV)
-        return parse_origins(settings.load_file().get(SETTING), f"setting {SETTING}")
+        return parse_origins(settings.current().cors_origins, f"setting {SETTING}")
     except ValueError as e:
         raise settings.SettingsError(str(e)) from None
 

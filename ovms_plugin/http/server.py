@@ -193,6 +193,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             signals.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
+    settings.reload_on_sighup(loop)  # `kill -HUP` reads settings.yaml again at once
     # The drain happens before aiohttp's own shutdown, which then only has stragglers to
     # cancel (a request still loading its model, a client that stopped reading).
     runner = web.AppRunner(create_app(runtime, state, body_timeout, cors_origins,
