@@ -20,7 +20,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
-from ovms_plugin.engine.requests import LLMRequest
+from ovms_plugin.engine.requests import LLMRequest, LLMSeq
 from ovms_plugin.engine.stats import Histogram
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ _FINISH = {ov_genai.GenerationFinishReason.STOP: "stop",
 class _Running:
     handle: Any
     max_new_tokens: int
+    plain: bool = True  # results are bare ids (one sequence, no logprobs); else LLMSeqs
     generated: int = 0
     added: float = field(default_factory=time.monotonic)
     first_token: float | None = None
@@ -75,7 +76,27 @@ def apply_request_config(gc: Any, p: LLMRequest) -> Any:
         gc.rng_seed = secrets.randbits(32)  # default seed is the same for all of them)
     if p.ignore_eos:
         gc.ignore_eos = True
-    gc.num_return_sequences = 1
+    if p.top_k is not None:
+        gc.top_k = int(p.top_k)
+    if p.min_p is not None:
+        gc.min_p = float(p.min_p)
+    if p.repetition_penalty is not None:
+        gc.repetition_penalty = float(p.repetition_penalty)
+    if p.min_new_tokens:
+        gc.min_new_tokens = int(p.min_new_tokens)
+    gc.num_return_sequences = int(p.n)
+    if p.logprobs:
+        gc.logprobs = 1
+    if p.structured is not None:
+        what, spec = p.structured
+        so = ov_genai.StructuredOutputConfig()
+        if what == "json_schema":
+            so.json_schema = spec
+        elif what == "regex":
+            so.regex = spec
+        else:
+            raise ValueError(f"unknown kind of structured output {what!r}")
+        gc.structured_output_config = so
     return gc
 
 
@@ -113,7 +134,7 @@ class LLMEngine:
         ids = ov.Tensor(np.asarray([payload.ids], dtype=np.int64))
         gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), payload)
         handle = self.pipe.add_request(req_id, ids, gc)
-        self.running[req_id] = _Running(handle, int(payload.max_new_tokens))
+        self.running[req_id] = _Running(handle, int(payload.max_new_tokens), payload.plain)
         self.requests_total += 1
         self.tokens_in_total += len(payload.ids)
 
@@ -136,15 +157,23 @@ class LLMEngine:
             new: list[int] = []
             finish = None
             # read() blocks (holding the GIL) when nothing is there: only after can_read().
+            seqs: list[LLMSeq] = []
             if handle.can_read():
-                out = next(iter(handle.read().values()))
-                new = list(out.generated_ids)
+                read = handle.read()
+                if run.plain:
+                    out = next(iter(read.values()))
+                    new = list(out.generated_ids)
+                    finish = _FINISH.get(out.finish_reason)
+                else:
+                    seqs = [(int(i), list(o.generated_ids),
+                             [float(x) for x in o.generated_log_probs],
+                             _FINISH.get(o.finish_reason)) for i, o in read.items()]
+                    new = [t for seq in seqs for t in seq[1]]
                 if new and run.first_token is None:
                     run.first_token = time.monotonic()
                     self.ttft.observe(run.first_token - run.added)
                 run.generated += len(new)
                 self.tokens_out_total += len(new)
-                finish = _FINISH.get(out.finish_reason)
             status = handle.get_status()
             if finish is None and status != ov_genai.GenerationStatus.RUNNING:
                 if status == ov_genai.GenerationStatus.FINISHED:
@@ -156,8 +185,8 @@ class LLMEngine:
                     del self.running[req_id]
                     self.finished["error"] += 1
                     continue
-            if new or finish:
-                outs.append(StepOutput(req_id, new, finish))
+            if new or finish or seqs:
+                outs.append(StepOutput(req_id, new if run.plain else seqs, finish))
             if finish:
                 del self.running[req_id]
                 self.finished[finish] += 1

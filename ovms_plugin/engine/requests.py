@@ -22,6 +22,26 @@ class LLMRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    n: int = 1  # sequences to sample from the one prompt (num_return_sequences)
+    logprobs: bool = False  # each new token's log-probability along with it
+    # Constrained decoding (XGrammar): ("json_schema", schema text) or ("regex", pattern).
+    structured: tuple[str, str] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """One sequence without log-probabilities: its step results are bare token ids;
+        otherwise they are LLMSeqs."""
+        return self.n == 1 and not self.logprobs
+
+
+# kinds/llm.py: news of one of a request's sequences (when n > 1 or logprobs were asked
+# for): (index, new token ids, their log-probabilities or None, finish reason or None). A
+# plain tuple: it crosses the worker boundary once per step and sequence.
+LLMSeq = tuple[int, list[int], list[float] | None, str | None]
 
 
 # kinds/embed.py
