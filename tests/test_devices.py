@@ -20,7 +20,7 @@ from conftest import CHAT
 
 from ovms_plugin import devices
 from ovms_plugin.devices import Device
-from ovms_plugin.service import text
+from ovms_plugin.service import generation, text
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store.store import ModelStore
@@ -121,8 +121,11 @@ def run(coro):
 
 
 async def _chat(rt: Runtime, model: str, content: str = "hi", **kw) -> text.TextDelta:
-    return await text.collect(rt.text(text.parse("chat", {
-        "model": model, "messages": [{"role": "user", "content": content}], **kw})))
+    choices, prompt_tokens, completion_tokens = await text.collect(generation.generate(
+        rt, text.parse("chat", {"model": model,
+                                "messages": [{"role": "user", "content": content}], **kw})))
+    choices[0].prompt_tokens, choices[0].completion_tokens = prompt_tokens, completion_tokens
+    return choices[0]
 
 
 def test_fallback_to_the_next_device(home: Path):
@@ -193,9 +196,9 @@ def test_budget_unloads_the_least_recently_used(home: Path, monkeypatch: pytest.
             await rt.load("chat-b")  # chat-a is idle: it makes room
             assert list(rt.models) == ["chat-b"]
             # A busy model is never unloaded for another: the load is refused instead.
-            stream = rt.text(text.parse("chat", {"model": "chat-b", "max_tokens": 1500,
-                                                 "ignore_eos": True, "messages": [
-                                                     {"role": "user", "content": "go"}]}))
+            stream = generation.generate(rt, text.parse("chat", {
+                "model": "chat-b", "max_tokens": 1500, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "go"}]}))
             await stream.__anext__()
             with pytest.raises(ServiceError, match=r"not enough memory to load model "
                                                    r"'chat-a': needs about 1\.00 GB"):

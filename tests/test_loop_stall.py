@@ -26,7 +26,8 @@ from conftest import REAL
 from ovms_plugin import devmodels
 from ovms_plugin.aog.host import AogHost
 from ovms_plugin.engine.client import Output
-from ovms_plugin.service import runtime as rt_mod
+from ovms_plugin.service import generation
+from ovms_plugin.service import prompt as rt_mod
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import LoadedModel, Runtime
 from ovms_plugin.service.text import TextDelta, TextRequest
@@ -94,7 +95,7 @@ def runtime_for(tmp_path: Path, folder: Path, tok: Any) -> tuple[Runtime, Loaded
 
 
 async def run_text(runtime: Runtime, req: TextRequest) -> list[TextDelta]:
-    return [d async for d in runtime.text(req)]
+    return [d async for d in generation.generate(runtime, req)]
 
 
 def chat(content: str, **kw: Any) -> TextRequest:

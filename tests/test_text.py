@@ -81,7 +81,7 @@ def test_stop_matcher_earliest_of_several():
     ([], "JSON object"),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "string"),
     ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     "only text"),
+     "vision model"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": "a"}, "seed"),

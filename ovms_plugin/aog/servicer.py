@@ -91,7 +91,7 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
         try:
             svc = invoke.lookup(request.service_name, streaming=True)
             body = _body(request.request_data, "request_data")
-            async for chunk in svc.stream(self.rt, request.service_name, body):
+            async for chunk in invoke.aog_stream(svc, self.rt, request.service_name, body):
                 data = sse(chunk.data)
                 if chunk.final:
                     data += sse(b"[DONE]")

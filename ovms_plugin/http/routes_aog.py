@@ -123,8 +123,9 @@ async def _text(request: web.Request, service: str) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     if bool_field(body, "stream"):
         svc = invoke.lookup(service, streaming=True)
-        return await sse_response(request, _aog_events(svc.stream(rt, service, body), service),
-                                  done=False)
+        return await sse_response(
+            request, _aog_events(invoke.aog_stream(svc, rt, service, body), service),
+            done=False)
     result = await invoke.lookup(service).unary(rt, service, body)
     return json_response(aog_text(result, service, finished=True))
 
@@ -197,7 +198,7 @@ async def any_service(request: web.Request) -> web.StreamResponse:
     body = await _with_model(request, service)
     rt = request.app[RUNTIME]
     if body.get("stream") and svc.stream is not None:
-        return await sse_response(request, chunk_data(svc.stream(rt, service, body)),
+        return await sse_response(request, chunk_data(invoke.aog_stream(svc, rt, service, body)),
                                   done=False)
     return json_response(await svc.unary(rt, service, body))
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import logging
 import math
 import re
@@ -71,7 +72,7 @@ from ovms_plugin.http.common import (
     stream_response,
 )
 from ovms_plugin.kinds import embed as embed_kind
-from ovms_plugin.service import embed, errors, jsonenc, text
+from ovms_plugin.service import embed, errors, generation, jsonenc, text
 from ovms_plugin.service.errors import ServiceError, bool_field, invalid
 from ovms_plugin.service.runtime import Runtime
 from ovms_plugin.store import catalog
@@ -86,10 +87,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Ollama's `options` honoured, and the TextRequest (OpenAI) field each becomes.
 OPTION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens",
                  "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty",
-                 "frequency_penalty": "frequency_penalty"}
-# Ollama's other sampling options: refused until the engine takes them.
-SAMPLING_NOT_YET = ("top_k", "min_p", "typical_p", "tfs_z", "repeat_penalty", "repeat_last_n",
-                    "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "num_keep")
+                 "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
+                 "repeat_penalty": "repetition_penalty"}
+# Ollama's other sampling options: refused, the engine has no equivalent.
+SAMPLING_NOT_YET = ("typical_p", "tfs_z", "repeat_last_n", "mirostat", "mirostat_tau",
+                    "mirostat_eta", "penalize_newline", "num_keep")
 # Ollama's load-time options: the engine's are set per model in settings.yaml.
 LOAD_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv",
                 "logits_all", "vocab_only", "use_mmap", "use_mlock", "embedding_only", "numa",
@@ -117,9 +119,6 @@ def _zero(v: Any) -> bool:
 _IMAGE_GENERATION = (_none, "image generation through /api/generate",
                      "use /v1/images/generations")
 NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "format": (_empty, "structured output: JSON mode or a JSON schema", "leave it out"),
-    "tools": (_empty, "tool calling", "leave it out"),
-    "think": (_none, "thinking control", "leave it out"),
     "images": (_empty, "image input", "this server has no vision models yet; send text"),
     "suffix": (_empty, "fill-in-the-middle", "leave it out"),
     "template": (_empty, "a prompt template of the request's own",
@@ -138,9 +137,6 @@ NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
 }
 MESSAGE_NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "images": NOT_YET["images"],
-    "tool_calls": (_empty, "tool calling", "leave it out"),
-    "tool_name": (_empty, "tool calling", "leave it out"),
-    "thinking": (_empty, "thinking models", "leave it out"),
 }
 
 
@@ -536,19 +532,45 @@ def tag_entry(entry: ModelEntry) -> dict[str, Any]:
             "details": details(entry)}
 
 
-def _piece(kind: str, model: str, content: str, done: bool) -> dict[str, Any]:
+def _piece(kind: str, model: str, content: str, done: bool, thinking: str = "",
+           calls: list[Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "created_at": timestamp()}
     if kind == "chat":
         out["message"] = {"role": "assistant", "content": content}
+        if thinking:
+            out["message"]["thinking"] = thinking
+        if calls:
+            out["message"]["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                for c in calls]
     else:
         out["response"] = content
+        if thinking:
+            out["thinking"] = thinking
     out["done"] = done
     return out
 
 
 # --- chat and generate --------------------------------------------------------------------
 
+def _ollama_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's tool calls, from Ollama's shape (arguments as an object)."""
+    if not isinstance(value, list):
+        raise invalid(f"messages[{i}].tool_calls must be a list", "messages")
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise invalid(f"messages[{i}].tool_calls[{j}] must be {{\"function\": {{\"name\": "
+                          "..., \"arguments\": {...}}}", "messages")
+        calls.append({"type": "function", "function": {"name": fn.get("name"),
+                                                       "arguments": fn.get("arguments", {})}})
+    return calls
+
+
 def _messages(value: Any) -> list[dict[str, Any]]:
+    """Ollama's messages in the OpenAI shape service.text validates: tool calls, a tool
+    result's tool_name and an earlier answer's thinking go to the chat template."""
     if not isinstance(value, list):
         raise invalid("'messages' must be a list of {\"role\", \"content\"} objects", "messages")
     out = []
@@ -557,16 +579,37 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise invalid(f"messages[{i}] must be an object with 'role' and 'content'",
                           "messages")
         for key, item in m.items():
-            if key in ("role", "content"):
+            if key in ("role", "content", "tool_calls", "tool_name", "thinking"):
                 continue
             if key not in MESSAGE_NOT_YET:
                 raise invalid(f"messages[{i}] has an unknown field '{key}'; a message has "
-                              f"role, content, {', '.join(MESSAGE_NOT_YET)}", "messages")
+                              "role, content, tool_calls, tool_name, thinking, "
+                              f"{', '.join(MESSAGE_NOT_YET)}", "messages")
             absent, what, hint = MESSAGE_NOT_YET[key]
             if not absent(item):
                 raise not_yet(f"messages[{i}].{key}", what, hint)
-        out.append({"role": m.get("role"), "content": m.get("content")})
+        msg: dict[str, Any] = {"role": m.get("role"), "content": m.get("content")}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _ollama_calls(m["tool_calls"], i)
+            msg["content"] = msg["content"] or ""
+        if m.get("tool_name") is not None:
+            msg["name"] = m["tool_name"]
+        if m.get("thinking"):
+            msg["reasoning_content"] = m["thinking"]
+        out.append(msg)
     return out
+
+
+def _format(value: Any) -> dict[str, Any] | None:
+    """Ollama's `format` as an OpenAI response_format."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
+    raise invalid(f"'format' must be \"json\" or a JSON schema object, got {value!r}",
+                  "format")
 
 
 async def _served(request: web.Request, requested: str, service: str) -> ModelEntry:
@@ -585,16 +628,17 @@ async def _text_events(rt: Runtime, req: text.TextRequest, kind: str, requested:
     """A chat or generate request's Ollama objects: pieces of text, then the last one."""
     after_load = time.monotonic_ns()
     first: int | None = None
-    async with aclosing(rt.text(req)) as deltas:
+    async with aclosing(generation.generate(rt, req)) as deltas:
         async for d in deltas:
             if first is None:
                 first = time.monotonic_ns()
-            if d.text:
-                yield _piece(kind, requested, d.text, False)
+            if d.text or d.reasoning or d.tool_calls:
+                yield _piece(kind, requested, d.text, False, d.reasoning, d.tool_calls)
             if d.finish_reason is not None:
                 end = time.monotonic_ns()
                 last = _piece(kind, requested, "", True)
-                last.update(done_reason=d.finish_reason, total_duration=end - started,
+                reason = "stop" if d.finish_reason == "tool_calls" else d.finish_reason
+                last.update(done_reason=reason, total_duration=end - started,
                             load_duration=load_ns, prompt_eval_count=d.prompt_tokens,
                             prompt_eval_duration=first - after_load,
                             eval_count=d.completion_tokens, eval_duration=end - first)
@@ -604,15 +648,22 @@ async def _text_events(rt: Runtime, req: text.TextRequest, kind: str, requested:
 
 async def _collect(events: AsyncIterator[dict[str, Any]], kind: str) -> dict[str, Any]:
     parts: list[str] = []
+    thinking: list[str] = []
+    calls: list[Any] = []
     last: dict[str, Any] = {}
     async with aclosing(events) as it:
         async for ev in it:
-            parts.append(ev["message"]["content"] if kind == "chat" else ev["response"])
+            where = ev["message"] if kind == "chat" else ev
+            parts.append(where["content"] if kind == "chat" else where["response"])
+            thinking.append(where.get("thinking", ""))
+            calls += where.get("tool_calls", [])
             last = ev
-    if kind == "chat":
-        last["message"]["content"] = "".join(parts)
-    else:
-        last["response"] = "".join(parts)
+    where = last["message"] if kind == "chat" else last
+    where["content" if kind == "chat" else "response"] = "".join(parts)
+    if any(thinking):
+        where["thinking"] = "".join(thinking)
+    if calls:
+        where["tool_calls"] = calls
     return last
 
 
@@ -624,6 +675,19 @@ async def _text(request: web.Request, kind: str) -> web.StreamResponse:
     stream = bool_field(body, "stream", True)
     options = sampling(body.get("options"))
     internal: dict[str, Any] = {"model": requested, **options}
+    response_format = _format(body.get("format"))
+    if response_format is not None:
+        internal["response_format"] = response_format
+    if body.get("tools"):
+        if kind != "chat":
+            raise invalid("'tools' are for /api/chat", "tools")
+        internal["tools"] = body["tools"]
+    think = body.get("think")
+    if think is not None:
+        if not isinstance(think, bool):
+            raise invalid(f"'think' must be true or false, got {think!r} (thinking levels are "
+                          "not supported)", "think")
+        internal["think"] = think
     service = "chat"
     if kind == "chat":
         given = body.get("messages")

@@ -49,6 +49,9 @@ class Service:
     default_model: str = ""
     aog_streaming: bool | None = None  # plugin.yaml's support_streaming; None: stream given
     aog: dict[str, Any] = field(default_factory=dict)  # anything else for plugin.yaml
+    # The stream reports usage only when asked (stream_options.include_usage), in a last
+    # chunk of its own; AOG's adapters ask, and fold it into the finishing chunk.
+    stream_usage: bool = False
 
 
 class Kind:

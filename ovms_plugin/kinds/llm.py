@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.requests import LLMRequest  # noqa: F401 (this kind's)
 from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
-from ovms_plugin.service import detok, text
+from ovms_plugin.service import detok, generation, text, tools
 
 if TYPE_CHECKING:
     from ovms_plugin.http.metrics import Exposition
@@ -35,30 +35,37 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 async def text_unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
     req = text.parse(service, body)
     rid = text.new_id(service)
-    d = await text.collect(rt.text(req))
-    return text.completion(req, rid, d.text, d.finish_reason, d.prompt_tokens,
-                           d.completion_tokens)
+    choices, prompt_tokens, completion_tokens = await text.collect(generation.generate(rt, req))
+    return text.completion(req, rid, choices, prompt_tokens, completion_tokens)
 
 
 async def text_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
+    """OpenAI's chunks: each choice's deltas (its first with the role), its finish in a
+    chunk of its own, and the usage in a last chunk with no choices when
+    stream_options.include_usage asks for it."""
     req = text.parse(service, body)
     rid, created = text.new_id(service), int(time.time())
-    first = True
-    async with aclosing(rt.text(req)) as deltas:
+    started: set[int] = set()
+    sent = dict.fromkeys(range(req.n), 0)  # characters per choice (completions' offsets)
+    ended = 0
+    async with aclosing(generation.generate(rt, req)) as deltas:
         async for d in deltas:
+            first = d.index not in started
+            started.add(d.index)
+            body_ = d.text or d.reasoning or d.tool_calls or d.logprobs
+            if d.finish_reason is None or body_ or first:
+                yield StreamChunk(text.chunk(req, rid, created, d, None, first,
+                                             offset=sent[d.index]))
+                sent[d.index] += len(d.text)
             if d.finish_reason is None:
-                yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
-            else:
-                if first or d.text:
-                    yield StreamChunk(text.chunk(req, rid, created, d.text, None, first))
+                continue
+            ended += 1
+            last = ended == req.n
+            yield StreamChunk(text.chunk(req, rid, created, text.TextDelta("", index=d.index),
+                                         d.finish_reason), final=last and not req.include_usage)
+            if last and req.include_usage:
                 usage = text.usage(d.prompt_tokens, d.completion_tokens)
-                if req.include_usage:  # OpenAI: usage in a chunk of its own, after the finish
-                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason))
-                    yield StreamChunk(text.usage_chunk(req, rid, created, usage), final=True)
-                else:
-                    yield StreamChunk(text.chunk(req, rid, created, None, d.finish_reason,
-                                                 usage_=usage), final=True)
-            first = False
+                yield StreamChunk(text.usage_chunk(req, rid, created, usage), final=True)
 
 
 def _validate_text_model(folder: Path, model_type: str | None) -> dict[str, Any]:
@@ -119,6 +126,9 @@ class LLMOptions:
     max_prompt_len: int | None = settings_mod.option(
         None, "the stateful engine off the NPU: refuse longer prompts (default: no limit)",
         minimum=1)
+    tool_parser: str | None = settings_mod.option(
+        None, "how the model writes tool calls (default: recognised from its chat template)",
+        choices=(None, *sorted(tools.PARSERS)))
 
 
 class LLMKind(Kind):
@@ -126,9 +136,9 @@ class LLMKind(Kind):
     task = "text-generation"
     services = (
         Service("chat", text_unary, text_stream, task_type="text-generation", timeout=-1,
-                default_model=DEFAULT_MODEL),
+                default_model=DEFAULT_MODEL, stream_usage=True),
         Service("generate", text_unary, text_stream, task_type="text-generation",
-                timeout=-1, default_model=DEFAULT_MODEL),
+                timeout=-1, default_model=DEFAULT_MODEL, stream_usage=True),
     )
     required_files = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
                       "openvino_detokenizer.xml")
@@ -190,6 +200,8 @@ class LLMKind(Kind):
         # Fast streaming detokenization, when it is exact for this tokenizer.
         lm.byte_table = await asyncio.to_thread(detok.load_checked, lm.entry.path,
                                                 lm.tokenizer)
+        lm.features = generation.features(lm.entry.path, lm.tokenizer,
+                                          lm.settings.options["llm"].get("tool_parser"))
 
     def export_metrics(self, out: Exposition, labels: dict[str, Any],
                        m: dict[str, Any]) -> None:

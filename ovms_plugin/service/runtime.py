@@ -4,14 +4,10 @@ them. Protocol adapters (AOG gRPC, HTTP) call this and nothing below it."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
-import pickle
-import sys
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -22,10 +18,8 @@ from ovms_plugin import devices as devices_mod
 from ovms_plugin import kinds, paths
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.client import EngineClient, EngineError, Output
-from ovms_plugin.kinds.llm import LLMRequest
 from ovms_plugin.service import detok, errors
 from ovms_plugin.service.errors import ServiceError, invalid
-from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
 from ovms_plugin.store import pull as pull_mod
 from ovms_plugin.store.store import (
     MANIFEST,
@@ -75,6 +69,7 @@ class LoadedModel:
     counter: TokenCounter | None = None
     context: int | None = None
     max_prompt: int | None = None  # the stateful (NPU) pipeline's prompt limit
+    features: Any = None  # the kind's own (generation.TextFeatures for LLMs)
     memory_bytes: int = 0  # what the budget counts for it
     fallbacks: list[str] = field(default_factory=list)  # devices that failed first, and why
     loaded_at: float = field(default_factory=time.time)
@@ -394,60 +389,6 @@ class Runtime:
             out.append(item)
         return out
 
-    # --- text generation ----------------------------------------------------------------
-
-    async def text(self, req: TextRequest) -> AsyncIterator[TextDelta]:
-        """Runs a chat or generate request; yields text as it is produced. The last delta
-        carries finish_reason and the token counts."""
-        async with self.lease(req.model, req.service) as lm, \
-                aclosing(self._text(lm, req)) as deltas:
-            async for d in deltas:
-                yield d
-
-    async def _text(self, lm: LoadedModel, req: TextRequest) -> AsyncIterator[TextDelta]:
-        tok = lm.tokenizer
-        try:
-            ids = await _prompt_ids(lm, req)
-        except _TemplateError as e:
-            raise invalid(f"the model's chat template could not render these messages: "
-                          f"{e}", "messages") from None
-        n_prompt = len(ids)
-        if lm.max_prompt and n_prompt > lm.max_prompt:
-            raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} runs on "
-                          f"{lm.client.info.get('device')} with a prompt limit of "
-                          f"{lm.max_prompt} tokens (MAX_PROMPT_LEN); shorten the prompt, or "
-                          "raise npu_max_prompt_len in the model's llm settings",
-                          "messages")
-        max_new = _max_new_tokens(req, n_prompt, lm.context)
-        payload = LLMRequest(ids, max_new, temperature=req.temperature, top_p=req.top_p,
-                             presence_penalty=req.presence_penalty,
-                             frequency_penalty=req.frequency_penalty, seed=req.seed,
-                             ignore_eos=req.ignore_eos)
-        detokenizer = detok.FastDetokenizer(lm.byte_table) if lm.byte_table else \
-            Detokenizer(tok)
-        stops = StopMatcher(req.stop)
-        n_out = 0
-        try:
-            async with aclosing(lm.client.submit(payload)) as outputs:
-                async for out in outputs:
-                    lm.last_used = time.monotonic()
-                    n_out += len(out.result)
-                    text = detokenizer.push(out.result)
-                    if out.finish:
-                        text += detokenizer.flush()
-                    text, hit = stops.feed(text)
-                    if hit:
-                        yield TextDelta(text, "stop", n_prompt, n_out)
-                        return
-                    if out.finish:
-                        yield TextDelta(text + stops.flush(), out.finish, n_prompt, n_out)
-                        return
-                    if text:
-                        yield TextDelta(text, None, n_prompt, n_out)
-        except EngineError as e:
-            raise _engine_failure(e) from None
-
-
     # --- leases and engine calls, for every kind ------------------------------------------
 
     @asynccontextmanager
@@ -657,226 +598,3 @@ def _load_tokenizer(entry: ModelEntry) -> Any:
     # One thread: the front end calls it from its event loop, and OpenVINO's thread pool
     # doubles the CPU a small encode costs (measured 0.59 vs 0.29 ms for one sentence).
     return ov_genai.Tokenizer(str(entry.path), INFERENCE_NUM_THREADS=1)
-
-
-def _encode(tok: Any, text: str, add_special_tokens: bool) -> list[int]:
-    enc = tok.encode(text, add_special_tokens=add_special_tokens)
-    return enc.input_ids.data[0].tolist()
-
-
-# --- the prompt's template and tokens, off the event loop -------------------------------
-#
-# openvino_genai 2026.4's Tokenizer.apply_chat_template and encode hold the GIL for their
-# whole run (its bindings release it in neither), so in a thread they would stall the event
-# loop just as long: long prompts go to a helper process with its own copy of the
-# tokenizer instead. Measured with SmolLM2-135M on the 2-core machine, render plus encode
-# on the loop: about 1 ms for a chat of a few hundred characters (mostly per-call cost),
-# 2-3 ms at 8k characters, 15 ms at 100k, 65 ms at 1M (bodies go up to 16 MB). Through the
-# helper the front end spends 0.7, 1.1 and 2.2 ms of CPU on a 10k, 100k and 1M prompt, in
-# small pieces, and answers 1-3 ms later than inline at 10k-100k. The helper costs ~135 MB and
-# 1.3-3 s to start (openvino_genai and the tokenizer), so prompts up to INLINE_PROMPT_CHARS
-# (where inline costs about what a helper round trip does) stay on the loop, and ordinary
-# chats never start it. An asyncio.to_thread hop would only have added latency: 1.71
-# against 1.61 ms for a short chat, with the loop held as long.
-INLINE_PROMPT_CHARS = 8192  # characters of message contents (chat) or prompt (generate)
-PROMPT_HELPER_IDLE = 120.0  # seconds without a long prompt before the helper exits
-_PROMPT_HELPER_TOKENIZERS = 4  # tokenizers the helper keeps (one per model), newest used
-
-
-class _TemplateError(Exception):
-    """The model's chat template refused the messages; the message is the template's."""
-
-
-class _HelperGone(Exception):
-    """The prompt helper could not start, died, or failed otherwise: do the work inline."""
-
-
-def _prompt_chars(req: TextRequest) -> int:
-    if req.service == "chat":
-        return sum(len(m["content"]) for m in req.messages or ())
-    return len(req.prompt or "")
-
-
-def _render_encode(tok: Any, messages: list[dict[str, str]] | None,
-                   prompt: str | None) -> list[int]:
-    """The prompt's token ids: a chat rendered with the model's template (its special
-    tokens are in the template), or a generate prompt with the tokenizer's special tokens."""
-    if messages is not None:
-        try:
-            prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-        except Exception as e:
-            raise _TemplateError(str(e)) from None
-        return _encode(tok, prompt, add_special_tokens=False)
-    return _encode(tok, prompt, add_special_tokens=True)
-
-
-async def _prompt_ids(lm: LoadedModel, req: TextRequest) -> list[int]:
-    """Renders and tokenizes the request's prompt: on the event loop when it is short, in
-    the helper process when it is long (the same tokenizer files, so the same ids).
-    Raises _TemplateError when the chat template refuses the messages."""
-    messages = req.messages if req.service == "chat" else None
-    if _prompt_chars(req) > INLINE_PROMPT_CHARS:
-        try:
-            return await _prompt_helper().ids(lm, messages, req.prompt)
-        except _HelperGone as e:
-            log.warning("rendering a long prompt on the event loop: %s", e)
-    return _render_encode(lm.tokenizer, messages, req.prompt)
-
-
-_helpers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _PromptHelper] = \
-    weakref.WeakKeyDictionary()
-
-
-def _prompt_helper() -> _PromptHelper:
-    """The running event loop's helper process, started anew after it exited."""
-    loop = asyncio.get_running_loop()
-    helper = _helpers.get(loop)
-    if helper is None or helper.closed:
-        helper = _helpers[loop] = _PromptHelper()
-    return helper
-
-
-class _PromptHelper:
-    """A child process (`_prompt_helper_main`) that renders and tokenizes long prompts, one
-    at a time, in request order. Requests and replies are length-prefixed pickles on its
-    stdin and stdout. It exits when its stdin closes: after PROMPT_HELPER_IDLE seconds
-    without work, or when this process ends however it ends."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pending: dict[int, asyncio.Future] = {}
-        self.users = 0
-        self._ids = itertools.count()
-        self._starting = asyncio.Lock()
-        self._reader: asyncio.Task | None = None
-        self._idle: asyncio.TimerHandle | None = None
-
-    async def ids(self, lm: LoadedModel, messages: list[dict[str, str]] | None,
-                  prompt: str | None) -> list[int]:
-        self.users += 1
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        try:
-            kind, value = await self._ask(lm, messages, prompt)
-        finally:
-            self.users -= 1
-            if not self.users and not self.closed:
-                self._idle = asyncio.get_running_loop().call_later(PROMPT_HELPER_IDLE,
-                                                                   self.close)
-        if kind == "template":
-            raise _TemplateError(value)
-        if kind != "ok":
-            raise _HelperGone(f"the prompt helper failed: {value}")
-        return value
-
-    async def _ask(self, lm: LoadedModel, messages: list[dict[str, str]] | None,
-                   prompt: str | None) -> tuple[str, Any]:
-        async with self._starting:
-            if self.proc is None and not self.closed:
-                try:
-                    self.proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-c", "from ovms_plugin.service.runtime import "
-                        "_prompt_helper_main as m; m()", str(os.getpid()),
-                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-                except OSError as e:
-                    self.closed = True
-                    raise _HelperGone(f"the prompt helper could not start: {e}") from None
-                self._reader = asyncio.create_task(self._read(self.proc))
-        if self.closed or self.proc is None or self.proc.stdin is None:
-            raise _HelperGone("the prompt helper exited")
-        rid = next(self._ids)
-        fut = self.pending[rid] = asyncio.get_running_loop().create_future()
-        # The helper keys its tokenizers by folder and load time: a model deleted and
-        # pulled again under the same name gets a new one.
-        data = pickle.dumps((rid, str(lm.entry.path), lm.loaded_at, messages, prompt),
-                            protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            self.proc.stdin.write(len(data).to_bytes(8, "little") + data)
-            await self.proc.stdin.drain()
-            return await fut
-        except (ConnectionError, _HelperGone) as e:
-            raise _HelperGone(f"the prompt helper failed: {e}") from None
-        finally:
-            self.pending.pop(rid, None)
-
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        try:
-            while True:
-                size = int.from_bytes(await proc.stdout.readexactly(8), "little")
-                rid, kind, value = pickle.loads(await proc.stdout.readexactly(size))
-                fut = self.pending.get(rid)
-                if fut is not None and not fut.done():
-                    fut.set_result((kind, value))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.closed = True
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(_HelperGone("it exited"))
-        with suppress(ProcessLookupError):
-            await proc.wait()
-
-    def close(self) -> None:
-        """Lets the helper exit (EOF on its stdin); the next long prompt starts another."""
-        self.closed = True
-        if self.proc is not None and self.proc.stdin is not None:
-            self.proc.stdin.close()
-
-
-def _prompt_helper_main() -> None:
-    """The prompt helper process (see _PromptHelper): reads (id, model folder, load time,
-    messages, prompt), answers (id, "ok", ids), (id, "template", message) or
-    (id, "error", message). Ends at EOF on stdin, or with the front end."""
-    from collections import OrderedDict
-
-    import openvino_genai as ov_genai
-
-    from ovms_plugin.procs import die_with_parent
-    die_with_parent(int(sys.argv[1]))
-    # The protocol keeps the real stdout; anything else printing there goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    inp = sys.stdin.buffer
-    tokenizers: OrderedDict[str, tuple[float, Any]] = OrderedDict()
-    while True:
-        head = inp.read(8)
-        if len(head) < 8:
-            return
-        rid, path, loaded_at, messages, prompt = pickle.loads(
-            inp.read(int.from_bytes(head, "little")))
-        try:
-            cached = tokenizers.pop(path, None)
-            if cached is None or cached[0] != loaded_at:
-                # As _load_tokenizer: the same files and properties give the same ids.
-                cached = (loaded_at, ov_genai.Tokenizer(path, INFERENCE_NUM_THREADS=1))
-            tokenizers[path] = cached
-            while len(tokenizers) > _PROMPT_HELPER_TOKENIZERS:
-                tokenizers.popitem(last=False)
-            reply = (rid, "ok", _render_encode(cached[1], messages, prompt))
-        except _TemplateError as e:
-            reply = (rid, "template", str(e))
-        except Exception as e:
-            reply = (rid, "error", f"{type(e).__name__}: {e}")
-        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(len(data).to_bytes(8, "little") + data)
-        out.flush()
-
-
-def _max_new_tokens(req: TextRequest, n_prompt: int, context: int | None) -> int:
-    if context is None:
-        return req.max_tokens or 4096
-    if n_prompt >= context:
-        raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} has a "
-                      f"context of {context} tokens; shorten the prompt", "messages")
-    room = context - n_prompt
-    if req.max_tokens is None:
-        return room
-    if req.max_tokens > room:
-        raise invalid(f"max_tokens {req.max_tokens} plus the prompt's {n_prompt} tokens "
-                      f"exceeds model {req.model!r}'s context of {context}; use max_tokens "
-                      f"<= {room}", "max_tokens")
-    return req.max_tokens
