@@ -160,7 +160,9 @@ DELETE_FIELDS = {"model", "name"}
 _PARAMS = {"max_tokens": "options.num_predict", "temperature": "options.temperature",
            "top_p": "options.top_p", "stop": "options.stop", "seed": "options.seed",
            "presence_penalty": "options.presence_penalty",
-           "frequency_penalty": "options.frequency_penalty"}
+           "frequency_penalty": "options.frequency_penalty", "top_k": "options.top_k",
+           "min_p": "options.min_p", "repetition_penalty": "options.repeat_penalty",
+           "response_format": "format"}
 
 _HF_PREFIXES = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
 FOREVER = "9999-12-31T23:59:59Z"  # expires_at of a model the server keeps loaded
