@@ -292,6 +292,15 @@ def test_refused_completion_parameters(srv: Server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_cold_loads_show_in_metrics(srv: Server, client: openai.OpenAI):
+    chat(client, max_tokens=1)
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    loads = re.search(rf'ovms_model_loads_total{{model="{REAL}"}} (\S+)', text)
+    last = re.search(rf'ovms_model_last_load_seconds{{model="{REAL}"}} (\S+)', text)
+    assert loads and float(loads.group(1)) >= 1, text[-2000:]
+    assert last and float(last.group(1)) > 0
+
+
 def test_usage_only_when_asked(client: openai.OpenAI):
     plain = list(chat(client, max_tokens=3, temperature=0, stream=True))
     assert all(c.usage is None for c in plain)

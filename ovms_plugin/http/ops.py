@@ -177,6 +177,14 @@ async def metrics(request: web.Request) -> web.Response:
     request.app[STATE].metrics.export(out)
     rt = request.app[RUNTIME]
     export_models(out, await rt.running())
+    for model, (n, total, last) in sorted(rt.loads.items()):
+        labels = {"model": model}
+        out.counter("model_loads_total", "Times the model was loaded (a request that finds it "
+                    "unloaded waits for a load).", labels, n)
+        out.counter("model_load_seconds_total", "Time spent loading the model.", labels,
+                    round(total, 3))
+        out.gauge("model_last_load_seconds", "How long the model's last load took.", labels,
+                  round(last, 3))
     restarting = set(rt.restarting())
     for model, events in sorted(rt.engine_events().items()):
         labels = {"model": model}

@@ -40,6 +40,7 @@ class TextFeatures:
     tool_parser: tools.ToolParser  # how its tool calls look
     reasoning: bool = False  # its template knows <think> (reasoning_content)
     samples_by_default: bool = False  # generation_config.json picks the sampling itself
+    greedy_by_default: bool = False  # ... and what it picks is greedy decoding
 
 
 def features(folder: Path, tokenizer: Any, tool_parser: str | None = None) -> TextFeatures:
@@ -50,7 +51,8 @@ def features(folder: Path, tokenizer: Any, tool_parser: str | None = None) -> Te
     except (OSError, ValueError):
         gen = {}
     samples = isinstance(gen, dict) and ("do_sample" in gen or "temperature" in gen)
-    return TextFeatures(tools.choose(template, tool_parser), uses_reasoning(template), samples)
+    return TextFeatures(tools.choose(template, tool_parser), uses_reasoning(template), samples,
+                        samples and gen.get("do_sample") is not True)
 
 
 async def generate(rt: Runtime, req: TextRequest) -> AsyncIterator[TextDelta]:
@@ -214,8 +216,13 @@ def _check_engine(lm: LoadedModel, req: TextRequest) -> None:
 
 def _request(lm: LoadedModel, req: TextRequest, ids: list[int]) -> LLMRequest:
     temperature = req.temperature
-    if temperature is None and not (lm.features and lm.features.samples_by_default):
+    f = lm.features
+    if temperature is None and not (f and f.samples_by_default):
         temperature = 1.0  # OpenAI's default, when the model's files name none
+    if temperature is None and f and f.greedy_by_default and req.n > 1:
+        raise invalid(f"'n' is {req.n}, but model {req.model!r} decodes greedily by default "
+                      "(its generation_config.json), which gives the same answer every time; "
+                      "send a temperature above 0, or n 1", "n")
     return LLMRequest(
         ids, _max_new_tokens(req, len(ids), lm.context), temperature=temperature,
         top_p=req.top_p, presence_penalty=req.presence_penalty,

@@ -106,6 +106,9 @@ class Runtime:
         self.models: dict[str, LoadedModel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._discover = devices or devices_mod.discover
+        # Per model: (loads, seconds spent loading, the last load's seconds): cold loads
+        # a request waited for show in /metrics.
+        self.loads: dict[str, tuple[int, float, float]] = {}
         self._found_devices: list[devices_mod.Device] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -209,8 +212,10 @@ class Runtime:
                             "trying the next device" if device != candidates[-1] else
                             "no device left")
                 continue
-            log.info("model %s loaded on %s in %.2fs%s", name, device,
-                     time.monotonic() - started,
+            seconds = time.monotonic() - started
+            n, total, _ = self.loads.get(name, (0, 0.0, 0.0))
+            self.loads[name] = (n + 1, total + seconds, seconds)
+            log.info("model %s loaded on %s in %.2fs%s", name, device, seconds,
                      f" (after: {'; '.join(fallbacks)})" if fallbacks else "")
             lm = LoadedModel(entry, client, ms, kind=engine, tokenizer=tokenizer,
                              context=entry.context_length(), memory_bytes=need,
