@@ -42,8 +42,8 @@ async def aog_stream(svc: Service, rt: Runtime, service: str, body: Any
             async for c in chunks:
                 yield c
         return
-    body = {**body, "stream_options": {"include_usage": True}} if body.get("stream") \
-        else body
+    # A streamed call streams, whether or not the body says so.
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     held: StreamChunk | None = None
     async with aclosing(svc.stream(rt, service, body)) as chunks:
         async for c in chunks:
