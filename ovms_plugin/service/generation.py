@@ -78,10 +78,9 @@ class ToolGate:
         self.held = ""
 
     def feed(self, text: str) -> str:
-        if self.mode == "call":
-            self.held += text
-            return ""
         self.held += text
+        if self.mode == "call":
+            return ""
         if self.mode == "start":
             stripped = self.held.lstrip()
             if not stripped or self.parser.could_start(stripped):
@@ -90,18 +89,11 @@ class ToolGate:
         if not self.marker:
             out, self.held = self.held, ""
             return out
-        at = self.held.find(self.marker)
-        if at >= 0:
-            out, self.held = self.held[:at], self.held[at:]
+        # The parser knows where its marker (or a marker's beginning, at the end) starts.
+        at = self.parser.start_index(self.held)
+        out, self.held = self.held[:at], self.held[at:]
+        if self.held.startswith(self.marker):
             self.mode = "call"
-            return out
-        keep = 0
-        for k in range(min(len(self.marker) - 1, len(self.held)), 0, -1):
-            if self.held.endswith(self.marker[:k]):
-                keep = k
-                break
-        cut = len(self.held) - keep
-        out, self.held = self.held[:cut], self.held[cut:]
         return out
 
     def finish(self) -> tuple[str, list[tools.ToolCall]]:
