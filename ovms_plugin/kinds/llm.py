@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ovms_plugin import settings as settings_mod
 from ovms_plugin.engine.requests import LLMRequest  # noqa: F401 (this kind's)
+from ovms_plugin.kinds import llm_kv
 from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
 from ovms_plugin.service import detok, generation, text, tools
 
@@ -126,6 +127,12 @@ class LLMOptions:
     max_prompt_len: int | None = settings_mod.option(
         None, "the stateful engine off the NPU: refuse longer prompts (default: no limit)",
         minimum=1)
+    context_length: int | None = settings_mod.option(
+        None, "tokens one request may hold, prompt and answer (default: the model's own)",
+        minimum=llm_kv.MIN_CONTEXT)
+    parallel: int = settings_mod.option(
+        4, "full-length requests the KV cache is sized for (short ones share it)",
+        minimum=1)
     tool_parser: str | None = settings_mod.option(
         None, "how the model writes tool calls (default: recognised from its chat template)",
         choices=(None, *sorted(tools.PARSERS)))
@@ -176,8 +183,27 @@ class LLMKind(Kind):
 
     def engine_config(self, entry: ModelEntry, device: str, ms: ModelSettings,
                       budget_left: int) -> dict[str, Any]:
-        return {"scheduler": settings_mod.scheduler_config(device, ms, entry.size,
-                                                           budget_left)}
+        """The scheduler, with a KV cache sized from the model (kinds/llm_kv.py) unless
+        the settings give its size."""
+        scheduler = settings_mod.scheduler_config(device, ms, entry.size, budget_left)
+        if "cache_size" in ms.scheduler or "num_kv_blocks" in ms.scheduler:
+            return {"scheduler": scheduler}
+        opts = LLMOptions(**ms.options.get("llm", {}))
+        family = device.split(".")[0]
+        room = max(0, min(settings_mod.available_memory_bytes(), budget_left)
+                   - 2 * entry.size) // 2
+        try:
+            kv = llm_kv.plan(entry.path, family, {**self.compile_properties(family, {}),
+                                                  **ms.properties},
+                             context=opts.context_length, parallel=opts.parallel,
+                             room_bytes=room)
+        except llm_kv.KVSizeError as e:
+            raise settings_mod.SettingsError(f"model {entry.name!r}: {e}") from None
+        if kv is None:  # config.json does not give the shape: a bounded cache by memory
+            return {"scheduler": scheduler}
+        scheduler.pop("cache_size", None)
+        scheduler["num_kv_blocks"] = kv.blocks
+        return {"scheduler": scheduler, "kv": kv.as_dict()}
 
     def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
         if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes
@@ -194,9 +220,15 @@ class LLMKind(Kind):
     def memory_needed(self, entry: ModelEntry, config: dict[str, Any]) -> int:
         """The weights and kernels, plus the KV cache."""
         need = super().memory_needed(entry, config)
+        if "kv" in config:
+            return need + int(config["kv"]["bytes"])
         return need + int(config.get("scheduler", {}).get("cache_size", 0)) * 2**30
 
     async def on_loaded(self, lm: LoadedModel, config: dict[str, Any]) -> None:
+        if "kv" in config:  # the context the KV cache was sized for is the one served
+            lm.context = int(config["kv"]["context_length"])
+        elif (ctx := lm.settings.options["llm"].get("context_length")) is not None:
+            lm.context = min(ctx, lm.context or ctx)
         # Fast streaming detokenization, when it is exact for this tokenizer.
         lm.byte_table = await asyncio.to_thread(detok.load_checked, lm.entry.path,
                                                 lm.tokenizer)

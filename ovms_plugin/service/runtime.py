@@ -198,7 +198,12 @@ class Runtime:
                     device, entry.task, cache_dir, ms.options.get(kind.options_section),
                     cache_mode),
                     **ms.properties},
-                **engine.engine_config(entry, device, ms, self._budget_left(exclude=name))}
+            }
+            try:
+                config.update(engine.engine_config(entry, device, ms,
+                                                   self._budget_left(exclude=name)))
+            except settings_mod.SettingsError as e:
+                raise ServiceError(str(e), errors.LOAD_FAILED) from None
             need = engine.memory_needed(entry, config)
             await self._make_room(name, need)
             client = self.client_factory(name, engine.name, entry.path, config,
@@ -376,6 +381,7 @@ class Runtime:
         return {"device": lm.client.info.get("device", lm.settings.device),
                 "engine": lm.client.kind, "alive": lm.client.alive,
                 "kv_cache_gb": lm.client.config.get("scheduler", {}).get("cache_size"),
+                "kv_cache": lm.client.config.get("kv"),
                 "memory_bytes": lm.memory_bytes, "fallbacks": lm.fallbacks}
 
     async def running(self) -> list[dict[str, Any]]:
