@@ -70,3 +70,58 @@ def test_bench_embed_service(tmp_path: Path, test_models: dict[str, Path]):
     assert r.returncode == 0, r.stderr[-3000:]
     [level] = json.loads(out.read_text())["levels"]
     assert level["completed"] == 16 and level["request_throughput"] > 0
+
+
+def test_bench_side_by_side_with_a_running_peer(plugin_home: Path, tmp_path: Path):
+    """--peer-url: the plugin (started by the bench with `serve`) against another
+    OpenAI-compatible server (here a second plugin), interleaved rounds, medians, ratios."""
+    from test_http import Server
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({"models": {"tiny-chat": {"scheduler": {
+        "cache_size": 1}}}}))
+    peer = Server(plugin_home, ["--port", "0", "--model", "tiny-chat", "--idle-unload", "0"],
+                  env={"OVMS_PLUGIN_SETTINGS": str(settings)})
+    out = tmp_path / "side.json"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "ovms_plugin", "--models-dir", str(plugin_home / "models"),
+             "bench", "--model", "tiny-chat", "--concurrency", "1,2", "--requests", "3",
+             "--prompt-tokens", "16", "--max-tokens", "6", "--ignore-eos", "--rounds", "2",
+             "--peer-url", peer.url, "--json", str(out)],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OVMS_PLUGIN_SETTINGS": str(settings)})
+    finally:
+        peer.stop()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "round 2/2, concurrency 2: peer" in r.stderr
+    result = json.loads(out.read_text())
+    assert result["peer"] == "peer" and result["rounds"] == 2
+    for row in result["levels"]:
+        for system in ("plugin", "peer"):
+            s = row[system]
+            assert s["completed"] == 2 * 3 and s["failed"] == 0
+            assert len(s["per_round"]["output_throughput"]) == 2
+            assert s["output_throughput"] > 0 and s["mean_tpot_ms"] > 0
+        assert row["ratio"]["output_throughput"] == round(
+            row["plugin"]["output_throughput"] / row["peer"]["output_throughput"], 3)
+    assert "ratio" in r.stdout  # the table
+
+
+def test_llama_server_command_matches_the_plugin(tmp_path: Path):
+    """The peer gets the plugin's thread count, one slot per concurrent request and a
+    context per slot that holds prompt and answer; --peer is checked."""
+    import argparse
+
+    import pytest
+
+    from ovms_plugin.bench import peer
+    cmd = peer.llama_server_command(Path("/b/llama-server"), Path("/m/x.gguf"), 8123,
+                                    slots=16, prompt_tokens=64, max_tokens=64)
+    t = str(os.cpu_count())
+    assert cmd[:2] == ["/b/llama-server", "-m"]
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert args["-t"] == t and args["-tb"] == t and args["-np"] == "16"
+    assert int(args["-c"]) // 16 >= 2 * 64 + 64 and args["--host"] == "127.0.0.1"
+    assert peer.peer_body({"model": "m"}) == {"model": "m", "cache_prompt": False}
+    with pytest.raises(argparse.ArgumentTypeError, match="llama-server=PATH"):
+        peer.parse_peer("vllm=/x")

@@ -26,6 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-turn", action="store_true",
                    help="two-turn chats: shows the second turn's TTFT with prefix caching "
                         "against the same run without it")
+    p.add_argument("--peer", default=None, metavar="llama-server=PATH",
+                   help="side by side with llama.cpp's server, started here on the same "
+                        "GGUF (--peer-gguf; the built-in model's by default)")
+    p.add_argument("--peer-url", default=None, metavar="URL",
+                   help="side by side with an OpenAI-compatible server already running")
+    p.add_argument("--peer-gguf", type=Path, default=None,
+                   help="the GGUF the model was converted from, for --peer")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of a side-by-side run (medians are reported)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG of throughput and TTFT against concurrency")

@@ -5,6 +5,7 @@ level, the in-process baselines, and the report (table, JSON, plot)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import subprocess
@@ -89,12 +90,12 @@ class Level:
 
 
 def _run_levels(address: str, target: str, service: str, plan: list[Level],
-                args: argparse.Namespace) -> list[dict[str, Any]]:
+                args: argparse.Namespace, probe: bool = True) -> list[dict[str, Any]]:
     results = []
     for level in plan:
         c, bodies = level.concurrency, level.bodies
         spec = {"target": target, "address": address, "service": service,
-                "bodies": bodies, "concurrency": c, "api_key": args.api_key, "probe": True}
+                "bodies": bodies, "concurrency": c, "api_key": args.api_key, "probe": probe}
         # One untimed wave at this concurrency first, on prompts of its own: a pipeline's
         # first batches of a new size run up to a third slower (kernels for new shapes,
         # KV-cache blocks allocated), which is start-up cost, not serving throughput.
@@ -276,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
     def bodies_for(n: int) -> list[dict[str, Any]]:
         return bodies[:n]
 
+    if args.peer or args.peer_url:
+        return _side_by_side(args, store, entry, service, levels, sizes, tok)
     result: dict[str, Any] = {
         "machine": machine_description(), "model": model, "service": service,
         "quantization": entry.manifest.get("quantization_level"),
@@ -325,6 +328,76 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(result["levels"], args.plot, f"{model} ({service}), {machine_description()}")
     return 0
+
+
+def _side_by_side(args: argparse.Namespace, store: ModelStore, entry: ModelEntry,
+                  service: str, levels: list[int], sizes: list[tuple[int, int]],
+                  tok: Any) -> int:
+    """The plugin (`serve`) against a peer server on the same model, through the same
+    OpenAI streaming client, in interleaved rounds (bench/peer.py)."""
+    from ovms_plugin.bench import peer
+    if service not in ("chat", "generate"):
+        raise SystemExit("--peer and --peer-url compare chat or generate, not " + service)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be 1 or more")
+    servers: dict[str, Any] = {
+        "plugin": lambda: peer.plugin_server(store.root, entry.name, {})}
+    if args.peer_url:
+        name, url = "peer", args.peer_url.rstrip("/")
+        servers[name] = lambda: contextlib.nullcontext(url)
+        gguf = None
+    else:
+        name, binary = peer.parse_peer(args.peer)
+        gguf = _peer_gguf(args, entry)
+        servers[name] = lambda: peer.llama_server(
+            binary, gguf, slots=max(levels), prompt_tokens=args.prompt_tokens,
+            max_tokens=args.max_tokens)
+    per_round = sum(c + n for c, n in sizes)
+    prompts = _prompts(tok, per_round * args.rounds * 2, args.prompt_tokens)
+    bodies = [_body(service, entry.name, p, args) for p in prompts]
+
+    def bodies_for(r: int, c: int, system: str) -> Level:
+        start = (2 * r + (system != "plugin")) * per_round
+        for level_c, n in sizes:
+            if level_c == c:
+                mine = bodies[start:start + c + n]
+                if system == "llama-server":
+                    mine = [peer.peer_body(b) for b in mine]
+                return Level(c, mine[:c], mine[c:])
+            start += level_c + n
+        raise AssertionError(c)
+
+    def run_level(url: str, system: str, level: Level) -> dict[str, Any]:
+        return _run_levels(url, "http", service, [level], args, probe=False)[0]
+
+    print(f"benchmarking {entry.name} ({service}): the plugin against {name}, "
+          f"{args.rounds} interleaved rounds", file=sys.stderr)
+    compared = peer.side_by_side(levels, bodies_for, run_level, servers, args.rounds)
+    result = {"machine": machine_description(), "model": entry.name, "service": service,
+              "command": "python -m ovms_plugin bench " + " ".join(sys.argv[2:]),
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+              "ignore_eos": args.ignore_eos, "peer": name,
+              "peer_command": peer.llama_server_command(
+                  Path("llama-server"), Path(gguf.name), 0, slots=max(levels),
+                  prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)
+              if gguf else args.peer_url, **compared}
+    print(peer.table(compared, ("plugin", name)))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _peer_gguf(args: argparse.Namespace, entry: ModelEntry) -> Path:
+    """The GGUF the peer serves: --peer-gguf, or the built-in model's own file."""
+    from ovms_plugin import builtin
+    if args.peer_gguf:
+        if not args.peer_gguf.is_file():
+            raise SystemExit(f"--peer-gguf: {args.peer_gguf} is not a file")
+        return args.peer_gguf
+    if entry.name == builtin.DEFAULT_MODEL:
+        return builtin.fetch_gguf()
+    raise SystemExit(f"--peer needs --peer-gguf FILE: the GGUF model {entry.name!r} was "
+                     "converted from, so both servers run the same weights")
 
 
 def _with_plugin(store: ModelStore, model: str, body: Any,
