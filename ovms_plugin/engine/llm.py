@@ -107,9 +107,15 @@ class LLMEngine:
             setattr(sc, key, value)
         self.scheduler = config.get("scheduler", {})
         self.device = config.get("device", "CPU")
+        # Prompt-lookup decoding: every request of such a pipeline must ask for it.
+        self.lookup: dict[str, int] | None = (config.get("speculative") or {}).get(
+            "prompt_lookup")
+        properties = dict(config.get("properties", {}))
+        if self.lookup:
+            properties["prompt_lookup"] = True
         started = time.monotonic()
         self.pipe = ov_genai.ContinuousBatchingPipeline(
-            str(model_dir), sc, self.device, config.get("properties", {}))
+            str(model_dir), sc, self.device, properties)
         self.load_seconds = time.monotonic() - started
         self.defaults = default_kwargs(self.pipe.get_config())
         self.running: dict[int, _Running] = {}
@@ -126,13 +132,17 @@ class LLMEngine:
                  self.load_seconds, self.scheduler)
 
     def info(self) -> dict[str, Any]:
-        return {"device": self.device, "scheduler": self.scheduler,
+        return {"device": self.device, "scheduler": self.scheduler, "prompt_lookup": self.lookup,
                 "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
     def add(self, req_id: int, payload: LLMRequest) -> None:
         ids = ov.Tensor(np.asarray([payload.ids], dtype=np.int64))
         gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), payload)
+        if self.lookup:
+            gc.num_assistant_tokens = int(payload.num_assistant_tokens
+                                          or self.lookup["num_assistant_tokens"])
+            gc.max_ngram_size = int(payload.max_ngram_size or self.lookup["max_ngram_size"])
         handle = self.pipe.add_request(req_id, ids, gc)
         self.running[req_id] = _Running(handle, int(payload.max_new_tokens), payload.plain)
         self.requests_total += 1

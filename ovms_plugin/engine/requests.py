@@ -30,6 +30,9 @@ class LLMRequest:
     logprobs: bool = False  # each new token's log-probability along with it
     # Constrained decoding (XGrammar): ("json_schema", schema text) or ("regex", pattern).
     structured: tuple[str, str] | None = None
+    # Prompt lookup, on engines set up for it (None: the model's settings).
+    num_assistant_tokens: int | None = None
+    max_ngram_size: int | None = None
 
     @property
     def plain(self) -> bool:

@@ -133,6 +133,14 @@ class LLMOptions:
     parallel: int = settings_mod.option(
         4, "full-length requests the KV cache is sized for (short ones share it)",
         minimum=1)
+    prompt_lookup: bool = settings_mod.option(
+        False, "speculative decoding from n-grams of the prompt (faster answers that copy "
+        "from it; n > 1 is refused)")
+    prompt_lookup_tokens: int = settings_mod.option(
+        5, "prompt lookup: tokens proposed per step (a request's num_assistant_tokens)",
+        minimum=1)
+    prompt_lookup_ngram: int = settings_mod.option(
+        3, "prompt lookup: longest n-gram matched (a request's max_ngram_size)", minimum=1)
     tool_parser: str | None = settings_mod.option(
         None, "how the model writes tool calls (default: recognised from its chat template)",
         choices=(None, *sorted(tools.PARSERS)))
@@ -186,9 +194,14 @@ class LLMKind(Kind):
         """The scheduler, with a KV cache sized from the model (kinds/llm_kv.py) unless
         the settings give its size."""
         scheduler = settings_mod.scheduler_config(device, ms, entry.size, budget_left)
-        if "cache_size" in ms.scheduler or "num_kv_blocks" in ms.scheduler:
-            return {"scheduler": scheduler}
         opts = LLMOptions(**ms.options.get("llm", {}))
+        extra: dict[str, Any] = {}
+        if opts.prompt_lookup:
+            extra["speculative"] = {"prompt_lookup": {
+                "num_assistant_tokens": opts.prompt_lookup_tokens,
+                "max_ngram_size": opts.prompt_lookup_ngram}}
+        if "cache_size" in ms.scheduler or "num_kv_blocks" in ms.scheduler:
+            return {"scheduler": scheduler, **extra}
         family = device.split(".")[0]
         room = max(0, min(settings_mod.available_memory_bytes(), budget_left)
                    - 2 * entry.size) // 2
@@ -200,10 +213,10 @@ class LLMKind(Kind):
         except llm_kv.KVSizeError as e:
             raise settings_mod.SettingsError(f"model {entry.name!r}: {e}") from None
         if kv is None:  # config.json does not give the shape: a bounded cache by memory
-            return {"scheduler": scheduler}
+            return {"scheduler": scheduler, **extra}
         scheduler.pop("cache_size", None)
         scheduler["num_kv_blocks"] = kv.blocks
-        return {"scheduler": scheduler, "kv": kv.as_dict()}
+        return {"scheduler": scheduler, "kv": kv.as_dict(), **extra}
 
     def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
         if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes

@@ -206,7 +206,23 @@ def _check_engine(lm: LoadedModel, req: TextRequest) -> None:
         raise invalid(f"'logprobs' is not supported: {where}", "logprobs")
 
 
+def _check_lookup(lm: LoadedModel, req: TextRequest) -> None:
+    """Prompt lookup is a property of the model's engine: its fields are refused
+    elsewhere, and what it cannot do is refused on it."""
+    lookup = (lm.client.config.get("speculative") or {}).get("prompt_lookup")
+    given = [k for k in ("num_assistant_tokens", "max_ngram_size") if getattr(req, k)]
+    if given and not lookup:
+        raise invalid(f"'{given[0]}' is for prompt-lookup decoding, which model "
+                      f"{req.model!r} is not set up for; leave it out, or set "
+                      "llm.prompt_lookup: true in the model's settings", given[0])
+    if lookup and req.n > 1:
+        raise invalid(f"'n' above 1 is not supported by model {req.model!r}: it decodes "
+                      "with prompt lookup (llm.prompt_lookup), which follows one sequence; "
+                      "send n 1", "n")
+
+
 def _request(lm: LoadedModel, req: TextRequest, ids: list[int]) -> LLMRequest:
+    _check_lookup(lm, req)
     temperature = req.temperature
     f = lm.features
     if temperature is None and not (f and f.samples_by_default):
@@ -221,7 +237,8 @@ def _request(lm: LoadedModel, req: TextRequest, ids: list[int]) -> LLMRequest:
         frequency_penalty=req.frequency_penalty, seed=req.seed, ignore_eos=req.ignore_eos,
         top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         min_new_tokens=req.min_tokens, n=req.n, logprobs=req.logprobs,
-        structured=req.structured)
+        structured=req.structured, num_assistant_tokens=req.num_assistant_tokens,
+        max_ngram_size=req.max_ngram_size)
 
 
 async def _run(lm: LoadedModel, req: TextRequest) -> AsyncIterator[TextDelta]:

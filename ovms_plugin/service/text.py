@@ -23,7 +23,9 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "to
            "stop", "presence_penalty", "frequency_penalty", "seed", "logprobs", "user",
            "response_format",
            # extensions of vLLM, OpenVINO Model Server and llama.cpp clients:
-           "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens"}
+           "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens",
+           # prompt-lookup decoding, on models set up for it (OpenVINO Model Server's):
+           "num_assistant_tokens", "max_ngram_size"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                          "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
                          "think", "safety_identifier", "prompt_cache_key"}
@@ -73,6 +75,8 @@ class TextRequest:
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
+    num_assistant_tokens: int | None = None  # prompt lookup: tokens proposed per step
+    max_ngram_size: int | None = None  # prompt lookup: longest n-gram matched
     n: int = 1
     logprobs: bool = False
     echo: bool = False  # completions: the prompt comes back before the answer
@@ -322,6 +326,8 @@ def _sampling(req: TextRequest, body: dict) -> None:
                       "repetition_penalty")
     req.repetition_penalty = rp
     req.min_tokens = int_field(body, "min_tokens", 0, 1_000_000) or None
+    req.num_assistant_tokens = int_field(body, "num_assistant_tokens", 1, 64)
+    req.max_ngram_size = int_field(body, "max_ngram_size", 1, 64)
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
