@@ -112,7 +112,7 @@ def candidates(service: str, devices: list[Device], override: str | None = None
 
 def compile_properties(device: str, task: str, cache_dir: Path | None,
                        options: dict[str, Any] | None = None,
-                       cache_mode: str = "auto") -> dict[str, Any]:
+                       cache_mode: str = "auto", model_bytes: int = 0) -> dict[str, Any]:
     """OpenVINO properties for compiling a model of `task` on `device`, before the model's
     own `properties` from settings (which win). `cache_mode`: "auto" caches compiled blobs
     on GPU and NPU (where compiling takes seconds to minutes), "always" on every device,
@@ -127,7 +127,7 @@ def compile_properties(device: str, task: str, cache_dir: Path | None,
     from ovms_plugin.kinds import registry as kinds
     kind = kinds.for_task(task)
     if kind is not None:  # what the kind's engine needs on this device family
-        props.update(kind.compile_properties(family, options))
+        props.update(kind.compile_properties(family, options, model_bytes))
     return props
 
 

@@ -71,6 +71,14 @@ def test_engine_kind_and_properties_per_device(tmp_path: Path):
     assert devices.compile_properties("GPU.0", "feature-extraction", tmp_path) == {
         "CACHE_DIR": str(tmp_path)}
     assert devices.compile_properties("CPU", "text-generation", tmp_path) == {}
+    # Small LLMs compute in f32 on CPU (faster than bf16 there); big ones keep the default.
+    assert devices.compile_properties("CPU", "text-generation", tmp_path,
+                                      model_bytes=100 * 2**20) == {
+        "INFERENCE_PRECISION_HINT": "f32"}
+    assert devices.compile_properties("CPU", "text-generation", tmp_path,
+                                      model_bytes=4 * 2**30) == {}
+    assert devices.compile_properties("GPU", "text-generation", tmp_path, cache_mode="never",
+                                      model_bytes=100 * 2**20) == {"KV_CACHE_PRECISION": "f16"}
     assert devices.compile_properties("CPU", "text-generation", tmp_path,
                                       cache_mode="always") == {"CACHE_DIR": str(tmp_path)}
     assert devices.compile_properties("GPU", "text-to-image", tmp_path,

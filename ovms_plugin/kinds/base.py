@@ -107,9 +107,10 @@ class Kind:
         """The kind's part of the engine config (beside device and properties)."""
         return {}
 
-    def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
+    def compile_properties(self, family: str, options: dict[str, Any],
+                           model_bytes: int = 0) -> dict[str, Any]:
         """OpenVINO properties its engine needs on a device family (CPU, GPU, NPU), from
-        the kind's settings section `options`."""
+        the kind's settings section `options` and the size of the model's files."""
         return {}
 
     def capacity(self, config: dict[str, Any]) -> int:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ovms_plugin.store.store import ModelEntry
 
 SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
+SMALL_MODEL_BYTES = 2**30  # weights up to this compute in f32 on CPU (compile_properties)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -218,13 +219,19 @@ class LLMKind(Kind):
         scheduler["num_kv_blocks"] = kv.blocks
         return {"scheduler": scheduler, "kv": kv.as_dict(), **extra}
 
-    def compile_properties(self, family: str, options: dict[str, Any]) -> dict[str, Any]:
+    def compile_properties(self, family: str, options: dict[str, Any],
+                           model_bytes: int = 0) -> dict[str, Any]:
         if family == "NPU":  # the stateful NPU pipeline's static prompt and answer sizes
             opts = LLMOptions(**options)
             return {"MAX_PROMPT_LEN": opts.npu_max_prompt_len,
                     "MIN_RESPONSE_LEN": opts.npu_min_response_len}
         if family == "GPU":
             return {"KV_CACHE_PRECISION": "f16"}
+        if family == "CPU" and 0 < model_bytes <= SMALL_MODEL_BYTES:
+            # A small model is not bound by memory bandwidth: f32 decodes faster than the
+            # bf16 a CPU with AVX512-BF16/AMX picks by default (SmolLM2-135M on a Xeon:
+            # 17.7 against 20.0 ms per token), and its answers match the reference.
+            return {"INFERENCE_PRECISION_HINT": "f32"}
         return {}
 
     def capacity(self, config: dict[str, Any]) -> int:

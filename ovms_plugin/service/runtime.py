@@ -196,7 +196,7 @@ class Runtime:
                 "device": device,
                 "properties": {**devices_mod.compile_properties(
                     device, entry.task, cache_dir, ms.options.get(kind.options_section),
-                    cache_mode),
+                    cache_mode, entry.size),
                     **ms.properties},
             }
             try:
