@@ -69,7 +69,7 @@ def test_default_model_is_pulled_by_its_name_through_aog(start_host, tmp_path: P
     models = json.loads(host.call("ListModels").response_json)["models"]
     assert [m["name"] for m in models] == [builtin.DEFAULT_MODEL]
     assert models[0]["source"].startswith(builtin.SOURCE)
-    assert models[0]["details"]["quantization_level"] == "Q4_1"
+    assert models[0]["details"]["quantization_level"] == "int8"  # re-quantised Q4_1
     r = host.invoke("chat", {"model": builtin.DEFAULT_MODEL, "max_tokens": 16,
                              "temperature": 0, "messages": [
                                  {"role": "user", "content": "What is the capital of France?"}]})

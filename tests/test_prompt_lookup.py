@@ -55,7 +55,7 @@ def test_greedy_answers_are_unchanged_and_requests_may_tune_it(home: Path):
             assert tuned.text == plain.text
             info = rt.models[LOOKUP].client.info
             assert info["prompt_lookup"] == {"num_assistant_tokens": 4, "max_ngram_size": 3}
-            with pytest.raises(ServiceError, match="'n' above 1 .* prompt lookup"):
+            with pytest.raises(ServiceError, match=r"'n' above 1 .* prompt lookup"):
                 await _chat(rt, LOOKUP, n=2, temperature=0.7)
             with pytest.raises(ServiceError, match="'num_assistant_tokens' is for "
                                "prompt-lookup decoding, which model 'smol-plain' is not"):

@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hub_server import HubServer
@@ -115,8 +116,8 @@ def test_bad_quant_spelling(hub: HubServer, store: ModelStore, spec: str, why: s
 
 
 def test_options_that_do_not_apply_to_gguf_are_refused(hub: HubServer, store: ModelStore):
-    with pytest.raises(StoreError, match="weight_format does not apply"):
-        do_pull(store, f"{REPO}:Q4_1", weight_format="int8")
+    with pytest.raises(StoreError, match="weight_format 'int4' does not apply to a GGUF"):
+        do_pull(store, f"{REPO}:Q4_1", weight_format="int4")
     with pytest.raises(StoreError, match="model_type 'embed'"):
         do_pull(store, f"{REPO}:Q4_1", model_type="embed")
     assert sum(hub.bytes_sent.values()) == 0
@@ -234,3 +235,53 @@ def test_pull_model_stream_through_the_plugin(hub: HubServer, start_host, tmp_pa
                                            "content": "What is the capital of France?"}]})
     assert r.code == 0, r.message
     assert "Paris" in json.loads(r.response_data)["choices"][0]["message"]["content"]
+
+
+def _logits(folder: Path, ids) -> Any:
+    """Every position's logits from the model's IR, in f32, teacher-forced."""
+    import numpy as np
+    import openvino as ov
+    req = ov.Core().compile_model(folder / "openvino_model.xml", "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    n = ids.shape[1]
+    req.infer({"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+               "position_ids": np.arange(n, dtype=np.int64)[None],
+               "beam_idx": np.zeros(1, np.int32)})
+    return req.get_tensor("logits").data[0].copy()
+
+
+def test_int8_requantisation_keeps_the_model(store: ModelStore, gguf_file: Path,
+                                             test_models: dict[str, Path]):
+    """weight_format int8 on a GGUF pull: every matrix the model multiplies by becomes int8
+    with a scale per channel, and the model still predicts what the Q4_1 IR predicts
+    (teacher-forced on real text)."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+    entry = pull.pull(store, pull.PullRequest(model=str(gguf_file), name="smol8",
+                                              weight_format="int8"), lambda m: None)
+    m = entry.manifest
+    assert m["weight_format"] == "int8" and m["quantization_level"] == "int8"
+    assert m["gguf"]["file_type"] == "Q4_1" and pull.verify(entry) == []
+    model = ov.Core().read_model(entry.path / "openvino_model.xml")
+    kinds = {}
+    for node in model.get_ordered_ops():
+        if node.get_type_name() == "MatMul":
+            src = node.input(1).get_source_output().get_node()
+            while src.get_input_size() and src.get_type_name() != "Constant":
+                src = src.input(0).get_source_output().get_node()
+            kinds[node.get_friendly_name()] = str(src.get_output_element_type(0))
+    weights = [k for k in kinds.values() if k != "<Type: 'int64_t'>"]
+    assert len(weights) == 211 and all(k == "<Type: 'int8_t'>" for k in weights), kinds
+    original = test_models[devmodels.SMOLLM2]
+    tok = ov_genai.Tokenizer(str(original))
+    text = Path(__file__).with_name("test_pull_gguf.py").read_text()[:2000]
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).input_ids.data)[:, :200]
+    a, b = _logits(original, ids), _logits(entry.path, ids)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.85
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    pa, pb = log_softmax(a), log_softmax(b)
+    assert (np.exp(pa) * (pa - pb)).sum(-1).mean() < 0.02

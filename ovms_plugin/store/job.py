@@ -42,11 +42,12 @@ def convert(src: str, dst: str, task: str, weight_format: str | None, library: s
                  library=library, trust_remote_code=trust_remote_code)
 
 
-def convert_gguf(src: str, dst: str) -> None:
+def convert_gguf(src: str, dst: str, weight_format: str | None = None) -> None:
     """Converts a GGUF file to OpenVINO IR in `dst` with openvino-genai's own GGUF reader
     (no torch, no optimum-intel). The reader writes the IR and the tokenizer/detokenizer IR
     next to the file it was given, so it is given a link to the file inside `dst`, removed
-    after. Weights keep their GGUF quantization (Q4_1 stays 4-bit)."""
+    after. Weights keep their GGUF quantization (Q4_1 stays 4-bit), or with weight_format
+    "int8" are re-quantised to 8 bits per channel (store/requant.py)."""
     import openvino_genai as ov_genai
     link = Path(dst) / "model.gguf"
     try:
@@ -58,6 +59,14 @@ def convert_gguf(src: str, dst: str) -> None:
         del pipe
     finally:
         link.unlink(missing_ok=True)
+    if weight_format == "int8":
+        from ovms_plugin.store.requant import requantize_int8
+        folder = Path(dst)
+        requantize_int8(folder / "openvino_model.xml", folder / "requantized.xml")
+        for ext in (".bin", ".xml"):  # the IR names its .bin: both keep their names
+            os.replace(folder / f"requantized{ext}", folder / f"openvino_model{ext}")
+    elif weight_format is not None:
+        raise ValueError(f"weight_format {weight_format!r} does not apply to a GGUF file")
 
 
 def validate(folder: str, task: str, model_type: str | None) -> dict[str, Any]:

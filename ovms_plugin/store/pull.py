@@ -24,7 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ def pull(store: ModelStore, req: PullRequest, progress: Progress,
         _check_task("text-generation", req.model_type, spec)
         gguf_path = builtin.fetch_gguf()
         name = check_name(req.name or spec)
+        req = replace(req, weight_format=req.weight_format or entry.weight_format)
         with _pull_lock(store, name):
             return _pull_local_gguf(store, gguf_path, name, req, progress, cancel,
                                     source=builtin.SOURCE)
@@ -545,10 +546,11 @@ def _check_gguf_request(req: PullRequest, where: str) -> None:
         raise StoreError(f"{where} is a GGUF language model, but model_type "
                          f"{req.model_type!r} needs a {_service_task(req.model_type)} model; "
                          "GGUF pulls serve chat and generate")
-    if req.weight_format:
-        raise StoreError("weight_format does not apply to a GGUF file: it keeps its own "
-                         "quantization; choose another one by its name instead "
-                         "(org/name-GGUF:Q8_0)")
+    if req.weight_format not in (None, "int8"):
+        raise StoreError(f"weight_format {req.weight_format!r} does not apply to a GGUF "
+                         "file: it keeps its own quantization, or int8 re-quantises it to 8 "
+                         "bits per channel (faster on CPU for small models); for another "
+                         "quantization choose another file by its name (org/name-GGUF:Q8_0)")
     if req.trust_remote_code:
         raise StoreError("trust_remote_code does not apply to a GGUF file (no code is run)")
 
@@ -584,7 +586,8 @@ def _install_gguf(store: ModelStore, src: Path, name: str, req: PullRequest,
     try:
         progress({"status": f"converting {info.architecture} {info.file_type} GGUF to "
                             "OpenVINO IR"})
-        result = run_job({"convert_gguf": {"src": str(src), "dst": str(staged)}}, cancel)
+        result = run_job({"convert_gguf": {"src": str(src), "dst": str(staged),
+                                           "weight_format": req.weight_format}}, cancel)
         log.info("converted %s in %.1fs, peak memory %s", src.name,
                  result.get("convert_seconds", 0), _gb(result.get("peak_rss_bytes", 0)))
         for file, data in (("config.json", info.config()),
@@ -595,12 +598,13 @@ def _install_gguf(store: ModelStore, src: Path, name: str, req: PullRequest,
                      "parameter_count": info.parameter_count,
                      "context_length": info.context_length, "gguf_version": info.version}
         return _finish(store, staged, name, "text-generation", req, progress, cancel, {},
-                       weight_format=None, gguf=described,
+                       weight_format=req.weight_format, gguf=described,
                        conversion={"seconds": result.get("convert_seconds"),
                                    "peak_rss_bytes": result.get("peak_rss_bytes")},
                        family=info.architecture,
                        parameter_size=ir.format_parameter_size(info.parameter_count),
-                       quantization_level=info.file_type or "unknown", **fields)
+                       quantization_level=req.weight_format or info.file_type or "unknown",
+                       **fields)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
