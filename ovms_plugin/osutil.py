@@ -33,11 +33,23 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
         yield
 
 
+def rss_bytes() -> int | None:
+    """The physical memory this process holds now, in bytes (Linux: /proc; Windows: its
+    working set); None where it cannot be read."""
+    if sys.platform == "win32":
+        return _memory_windows(peak=False)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return None
+
+
 def peak_rss_bytes() -> int | None:
     """The most physical memory this process has held so far, in bytes; None where it cannot
     be read."""
     if sys.platform == "win32":
-        return _peak_rss_windows()
+        return _memory_windows(peak=True)
     try:
         import resource
     except ImportError:
@@ -46,14 +58,15 @@ def peak_rss_bytes() -> int | None:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes there, KiB here
 
 
-def _peak_rss_windows() -> int | None:  # pragma: no cover (Windows)
+def _memory_windows(peak: bool) -> int | None:  # pragma: no cover (Windows)
     try:
         import psutil
     except ImportError:
         pass
     else:
         with contextlib.suppress(Exception):
-            return int(psutil.Process().memory_info().peak_wset)
+            info = psutil.Process().memory_info()
+            return int(info.peak_wset if peak else info.rss)
     import ctypes
     from ctypes import wintypes
 
@@ -78,7 +91,7 @@ def _peak_rss_windows() -> int | None:  # pragma: no cover (Windows)
         counters.cb = ctypes.sizeof(counters)
         if not get_info(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
             return None
-        return int(counters.PeakWorkingSetSize)
+        return int(counters.PeakWorkingSetSize if peak else counters.WorkingSetSize)
     except (OSError, AttributeError):
         return None
 

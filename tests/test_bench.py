@@ -96,6 +96,9 @@ def test_bench_side_by_side_with_a_running_peer(plugin_home: Path, tmp_path: Pat
     assert "round 2/2, concurrency 2: peer" in r.stderr
     result = json.loads(out.read_text())
     assert result["peer"] == "peer" and result["rounds"] == 2
+    # The plugin's engine worker's memory, read from its /metrics; a peer by URL: unknown.
+    assert result["rss_bytes_after"]["plugin"] > 50 * 2**20
+    assert result["rss_bytes_after"]["peer"] is None
     for row in result["levels"]:
         for system in ("plugin", "peer"):
             s = row[system]

@@ -458,6 +458,7 @@ def test_disconnect_cancels_a_stream(srv: Server):
     assert wait_for(lambda: running(srv) == 0, 10), srv.metrics()
     assert aborted(srv) == before + 1  # stopped, not run to its 1500 tokens
     assert srv.value("ovms_model_requests_in_flight", model=CHAT) == 0
+    assert srv.value("ovms_model_worker_rss_bytes", model=CHAT) > 50 * 2**20
     assert wait_for(lambda: any(f"model={CHAT} status=499" in line for line in srv.lines), 5)
 
 

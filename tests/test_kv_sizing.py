@@ -101,7 +101,9 @@ def test_the_engine_allocates_what_the_plan_says(home: Path):
                           "bytes": 1536 * 13680}
             assert lm.context == 512
             assert (await _chat(rt, "Say hi.")).text
-            assert (await lm.client.metrics(timeout=10))["kv_cache_bytes"] == kv["bytes"]
+            m = await lm.client.metrics(timeout=10)
+            assert m["kv_cache_bytes"] == kv["bytes"]
+            assert m["worker_rss_bytes"] > lm.entry.size  # the weights, at least
             [item] = await rt.running()
             assert item["details"]["kv_cache"] == kv
             with pytest.raises(ServiceError, match="context of 512 tokens"):

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +122,42 @@ class Server:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+@dataclass
+class Running:
+    """A server under test: its URL, and how to read the memory its model takes."""
+    url: str
+    memory: Callable[[], int | None] = lambda: None
+
+
+def plugin_worker_rss(url: str, model: str) -> int | None:
+    """The model's engine worker's resident memory, from the plugin's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(r'^ovms_model_worker_rss_bytes\{model="' + re.escape(model)
+                  + r'"\} (\S+)$', text, re.M)
+    return int(float(m.group(1))) if m else None
+
+
+def process_rss(pid: int) -> int | None:
+    """A process's resident memory where /proc tells it (Linux); None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @contextlib.contextmanager
-def plugin_server(models_dir: Path, model: str, env: dict[str, str]) -> Iterator[str]:
+def plugin_server(models_dir: Path, model: str, env: dict[str, str]) -> Iterator[Running]:
     """`python -m ovms_plugin serve` on loopback with the model loaded; yields its URL."""
     command = [sys.executable, "-m", "ovms_plugin", "serve", "--models-dir", str(models_dir),
                "--host", "127.0.0.1", "--port", "0", "--model", model, "--idle-unload", "0"]
     server = Server("plugin", command, env).wait_ready(port_from_log=True)
     try:
         _wait_loaded(server.url, model)
-        yield server.url
+        yield Running(server.url, lambda: plugin_worker_rss(server.url, model))
     finally:
         server.stop()
 
@@ -146,7 +174,7 @@ def _wait_loaded(url: str, model: str) -> None:
 
 @contextlib.contextmanager
 def llama_server(binary: Path, gguf: Path, *, slots: int, prompt_tokens: int,
-                 max_tokens: int) -> Iterator[str]:
+                 max_tokens: int) -> Iterator[Running]:
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise SystemExit(f"--peer: {binary} is not an executable llama-server; build one "
                          "with benchmarks/build_llama_server.sh")
@@ -155,7 +183,7 @@ def llama_server(binary: Path, gguf: Path, *, slots: int, prompt_tokens: int,
                                    prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     server = Server("llama-server", command, port=port).wait_ready()
     try:
-        yield server.url
+        yield Running(server.url, lambda: process_rss(server.proc.pid))
     finally:
         server.stop()
 
@@ -198,15 +226,18 @@ def side_by_side(levels: list[int], bodies_for: Callable[[int, int, str], Any],
     per: dict[str, dict[int, list[dict[str, Any]]]] = {n: {c: [] for c in levels}
                                                        for n in servers}
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(factory()) for name, factory in servers.items()}
+        running = {name: stack.enter_context(factory()) for name, factory in servers.items()}
         order = list(servers)
         for r in range(rounds):
             for c in levels:
                 for name in order if r % 2 == 0 else order[::-1]:
                     print(f"round {r + 1}/{rounds}, concurrency {c}: {name}",
                           file=sys.stderr, flush=True)
-                    per[name][c].append(run_level(urls[name], name, bodies_for(r, c, name)))
-    out: dict[str, Any] = {"rounds": rounds, "levels": []}
+                    per[name][c].append(run_level(running[name].url, name,
+                                                  bodies_for(r, c, name)))
+        # After the busiest level: what each holds for the model (weights, KV, runtime).
+        memory = {name: run.memory() for name, run in running.items()}
+    out: dict[str, Any] = {"rounds": rounds, "rss_bytes_after": memory, "levels": []}
     for c in levels:
         row = {name: median_level(per[name][c]) for name in servers}
         a, b = list(servers)

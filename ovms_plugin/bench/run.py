@@ -344,7 +344,7 @@ def _side_by_side(args: argparse.Namespace, store: ModelStore, entry: ModelEntry
         "plugin": lambda: peer.plugin_server(store.root, entry.name, {})}
     if args.peer_url:
         name, url = "peer", args.peer_url.rstrip("/")
-        servers[name] = lambda: contextlib.nullcontext(url)
+        servers[name] = lambda: contextlib.nullcontext(peer.Running(url))
         gguf = None
     else:
         name, binary = peer.parse_peer(args.peer)

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from ovms_plugin.engine import ipc
 from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.logs import setup_logging
+from ovms_plugin.osutil import rss_bytes
 from ovms_plugin.procs import die_with_parent
 
 log = logging.getLogger("ovms_plugin.worker")
@@ -78,6 +79,11 @@ class _Progress:
         self.count = 0
 
 
+def _metrics(engine: Engine) -> dict[str, Any]:
+    """The engine's own metrics, and the memory its worker process holds."""
+    return {**engine.metrics(), "worker_rss_bytes": rss_bytes()}
+
+
 def _heartbeat(send: _Sender, progress: _Progress, every: float) -> None:
     """Sends ("beat",) every `every` seconds while the loop has work but sent nothing for
     that long, and only when it is making progress: its counter moved, or the process used
@@ -109,7 +115,7 @@ def _reader(sock: socket.socket, inbox: queue.SimpleQueue, engine_ref: list,
             if msg[0] == "abort" and hasattr(engine, "interrupt"):
                 engine.interrupt(msg[1])
             if msg[0] == "metrics" and getattr(engine, "long_steps", False):
-                send(("metrics", msg[1], engine.metrics()))
+                send(("metrics", msg[1], _metrics(engine)))
                 continue
             inbox.put(msg)
     except (EOFError, OSError):
@@ -152,7 +158,7 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
             elif op == "abort":
                 engine.abort(msg[1])
             elif op == "metrics":
-                send(("metrics", msg[1], engine.metrics()))
+                send(("metrics", msg[1], _metrics(engine)))
             elif op == "shutdown":
                 return
         if errors:

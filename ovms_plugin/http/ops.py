@@ -219,6 +219,8 @@ def export_models(out: Exposition, running: list[dict[str, Any]]) -> None:
         out.gauge("model_requests_in_flight", "Requests running or waiting in the engine.",
                   model, d.get("in_flight"))
         m = d.get("metrics") or {}
+        out.gauge("model_worker_rss_bytes", "Physical memory of the model's engine worker.",
+                  model, m.get("worker_rss_bytes"))
         kind = next((k for k in kinds.all() if k.name == engine), None)
         if kind is not None:  # each kind exports its engine's own families
             kind.export_metrics(out, model, m)
