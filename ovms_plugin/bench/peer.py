@@ -202,6 +202,10 @@ def median_level(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = round(statistics.median(r[key] for r in rounds), 2)
     out["completed"] = sum(r["completed"] for r in rounds)
     out["failed"] = sum(r["failed"] for r in rounds)
+    if errors := sorted({e for r in rounds for e in r.get("errors", [])}):
+        out["errors"] = errors[:5]
+    out["mean_prompt_tokens"] = round(statistics.mean(
+        r["total_input_tokens"] / max(1, r["completed"]) for r in rounds), 1)
     out["per_round"] = {k: [r[k] for r in rounds]
                         for k in ("output_throughput", "mean_ttft_ms", "mean_tpot_ms")}
     return out
