@@ -72,6 +72,7 @@ class EchoClient:
 
     def __init__(self) -> None:
         self.info = {"device": "CPU"}
+        self.config: dict[str, Any] = {}  # the engine config (runtime.Client)
         self.payloads: list[dict] = []
 
     async def submit(self, payload: Any):
