@@ -128,3 +128,22 @@ def test_llama_server_command_matches_the_plugin(tmp_path: Path):
     assert peer.peer_body({"model": "m"}) == {"model": "m", "cache_prompt": False}
     with pytest.raises(argparse.ArgumentTypeError, match="llama-server=PATH"):
         peer.parse_peer("vllm=/x")
+
+
+def test_side_by_side_flags_that_do_not_go_together_are_refused():
+    import argparse
+
+    import pytest
+
+    from ovms_plugin.bench.args import add_arguments
+    from ovms_plugin.bench.run import check_flags
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    check_flags(p.parse_args(["--peer-url", "http://127.0.0.1:1", "--rounds", "5"]))
+    for argv, why in (
+            (["--peer", "llama-server=/x", "--peer-url", "http://127.0.0.1:1"], "not both"),
+            (["--peer-url", "http://127.0.0.1:1", "--peer-gguf", "m.gguf"], "add --peer"),
+            (["--rounds", "5"], "--rounds applies to a side-by-side run"),
+            (["--peer-url", "http://127.0.0.1:1", "--baselines"], "takes no --baselines")):
+        with pytest.raises(SystemExit, match=why):
+            check_flags(p.parse_args(argv))

@@ -248,9 +248,26 @@ def _plot(levels: list[dict[str, Any]], out: Path, title: str) -> None:
     fig.savefig(out, dpi=100)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that do not go together are refused, not ignored."""
+    side = bool(args.peer or args.peer_url)
+    if args.peer and args.peer_url:
+        raise SystemExit("give --peer (start llama-server here) or --peer-url (a server "
+                         "already running), not both")
+    if args.peer_gguf and not args.peer:
+        raise SystemExit("--peer-gguf names the GGUF for --peer llama-server=PATH; add "
+                         "--peer, or leave --peer-gguf out")
+    if args.rounds != 3 and not side:
+        raise SystemExit("--rounds applies to a side-by-side run (--peer or --peer-url)")
+    if side and (args.baselines or args.multi_turn or args.plot or args.target != "plugin"):
+        raise SystemExit("a side-by-side run (--peer, --peer-url) takes no --baselines, "
+                         "--multi-turn, --plot or --target; run those separately")
+
+
 def run(args: argparse.Namespace) -> int:
     import openvino_genai as ov_genai
 
+    check_flags(args)
     from ovms_plugin.builtin import DEFAULT_MODEL
     from ovms_plugin.store.pull import ensure_default_model
     store = ModelStore(args.models_dir or paths.models_dir())
