@@ -127,3 +127,23 @@ def test_a_context_over_the_models_refuses_the_load(home: Path):
             await rt.unload_all()
 
     asyncio.run(go())
+
+
+def test_options_that_would_be_ignored_are_refused(home: Path):
+    """llm.parallel beside a cache size set outright, and prompt-lookup tuning with prompt
+    lookup off, would change nothing: the load is refused, naming them."""
+    async def go():
+        rt = Runtime(ModelStore(home / "models"))
+        try:
+            for section, why in (
+                    ({"scheduler": {"cache_size": 1}, "llm": {"parallel": 2}},
+                     "llm.parallel sizes the KV cache"),
+                    ({"llm": {"prompt_lookup_tokens": 3}}, "tune prompt lookup, which is off")):
+                (home / "settings.yaml").write_text(yaml.safe_dump({"models": {REAL: section}}))
+                settings.reload()
+                with pytest.raises(ServiceError, match=why):
+                    await rt.load(REAL)
+        finally:
+            await rt.unload_all()
+
+    asyncio.run(go())

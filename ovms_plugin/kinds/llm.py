@@ -195,13 +195,25 @@ class LLMKind(Kind):
         """The scheduler, with a KV cache sized from the model (kinds/llm_kv.py) unless
         the settings give its size."""
         scheduler = settings_mod.scheduler_config(device, ms, entry.size, budget_left)
-        opts = LLMOptions(**ms.options.get("llm", {}))
+        given = ms.options.get("llm", {})
+        opts = LLMOptions(**given)
+        if not opts.prompt_lookup and {"prompt_lookup_tokens", "prompt_lookup_ngram"} & set(
+                given):
+            raise settings_mod.SettingsError(
+                f"model {entry.name!r}: llm.prompt_lookup_tokens and prompt_lookup_ngram "
+                "tune prompt lookup, which is off; set llm.prompt_lookup: true, or leave "
+                "them out")
+        sized = "cache_size" in ms.scheduler or "num_kv_blocks" in ms.scheduler
+        if sized and "parallel" in given:
+            raise settings_mod.SettingsError(
+                f"model {entry.name!r}: llm.parallel sizes the KV cache, which "
+                "scheduler.cache_size / num_kv_blocks already set; leave one of them out")
         extra: dict[str, Any] = {}
         if opts.prompt_lookup:
             extra["speculative"] = {"prompt_lookup": {
                 "num_assistant_tokens": opts.prompt_lookup_tokens,
                 "max_ngram_size": opts.prompt_lookup_ngram}}
-        if "cache_size" in ms.scheduler or "num_kv_blocks" in ms.scheduler:
+        if sized:
             return {"scheduler": scheduler, **extra}
         family = device.split(".")[0]
         room = max(0, min(settings_mod.available_memory_bytes(), budget_left)
