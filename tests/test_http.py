@@ -232,7 +232,8 @@ def test_chat_plain_and_streamed_with_usage(srv: Server):
 
 def test_chat_stream_ends_with_done(srv: Server):
     with srv.http.stream("POST", "/v1/chat/completions",
-                         json=chat_body(model=REAL, max_tokens=4, stream=True)) as r:
+                         json=chat_body(model=REAL, max_tokens=4, stream=True,
+                                        temperature=0, ignore_eos=True)) as r:
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r.iter_lines())
