@@ -42,6 +42,10 @@ TINY_RERANK = "tiny-rerank"
 TINY_RERANK_HF = "tiny-rerank-hf"
 TINY_SD = "tiny-sd"
 TINY_SD_HF = "tiny-sd-hf"
+TINY_SPEECHT5 = "tiny-speecht5"
+TINY_SPEECHT5_HF = "tiny-speecht5-hf"
+TINY_WHISPER = "tiny-whisper"
+TINY_WHISPER_HF = "tiny-whisper-hf"
 
 CACHE_ENV = "OVMS_PLUGIN_TEST_MODELS"
 
@@ -533,6 +537,275 @@ def make_tiny_sd_ir(out: Path) -> None:
         _scrub_source_path(out, src, TINY_SD_HF)  # diffusers records it in every config
 
 
+# --- speech: Whisper (speech to text) and SpeechT5 (text to speech) --------------------------
+
+# WhisperConfig arguments of the tiny Whisper model (random weights); the audio front end
+# (80 mel bins, 30 s windows = 1500 encoder positions) is the real one, as GenAI expects it.
+TINY_WHISPER_CONFIG: dict[str, Any] = {
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+}
+_WHISPER_BPE_SIZE = 2000  # trained byte-level BPE; Whisper's special tokens come after it
+_WHISPER_LANGS_MIN = ("en", "zh", "de", "fr", "ja")  # the tests rely on these
+
+
+def _whisper_tokenizer() -> Any:
+    """WhisperTokenizer with Whisper's special tokens in Whisper's order after a stdlib-trained
+    byte-level BPE: <|endoftext|>, <|startoftranscript|>, one token per language (transformers'
+    LANGUAGES order), <|translate|>, <|transcribe|>, <|startoflm|>, <|startofprev|>,
+    <|nocaptions|>, <|notimestamps|>, then the 1501 timestamps <|0.00|>..<|30.00|> as plain
+    added tokens (transformers finds them as "the ids above the last special id")."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_WHISPER_BPE_SIZE,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_stdlib_corpus(1024 * 1024), trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    specials = [
+        "<|startoftranscript|>",
+        *(f"<|{lang}|>" for lang in LANGUAGES),
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]
+    # <|endoftext|> (unk/bos/eos) is added first, at id len(vocab), then the extra specials.
+    tokenizer = WhisperTokenizer(
+        vocab=bpe["vocab"], merges=merges, extra_special_tokens=specials, model_max_length=448
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken("<|%.2f|>" % (i * 0.02), lstrip=False, rstrip=False, normalized=False,
+                       special=False)
+            for i in range(1501)
+        ]
+    )
+    return tokenizer
+
+
+def _whisper_generation_config(tokenizer: Any, decoder_layers: int) -> dict[str, Any]:
+    """generation_config.json as the Hub's multilingual Whisper models have it (what
+    transformers' WhisperForConditionalGeneration.generate and GenAI's WhisperPipeline read)."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    def tid(token: str) -> int:
+        return int(tokenizer.convert_tokens_to_ids(token))
+
+    eot = tid(ENDOFTEXT)
+    # Whisper suppresses symbols that are not speech; the bytes of a few of them here.
+    symbols = [tid(c) for c in "\"#()*+/:;<=>@[\\]^_`{|}~" if tid(c) != tokenizer.unk_token_id]
+    control = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+               "<|nocaptions|>")  # fmt: skip
+    return {
+        "alignment_heads": [[decoder_layers - 1, 0], [decoder_layers - 1, 1]],
+        "begin_suppress_tokens": [tid("\u0120"), eot],  # " " (byte-level) and end of text
+        "bos_token_id": eot,
+        "decoder_start_token_id": tid("<|startoftranscript|>"),
+        "eos_token_id": eot,
+        "forced_decoder_ids": None,
+        "is_multilingual": True,
+        "lang_to_id": {f"<|{lang}|>": tid(f"<|{lang}|>") for lang in LANGUAGES},
+        "max_initial_timestamp_index": 50,
+        "max_length": 448,
+        "no_timestamps_token_id": tid("<|notimestamps|>"),
+        "pad_token_id": eot,
+        "prev_sot_token_id": tid("<|startofprev|>"),
+        "return_timestamps": False,
+        "suppress_tokens": sorted({*symbols, *(tid(t) for t in control)}),
+        "task_to_id": {"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")},
+    }
+
+
+def make_tiny_whisper_hf(out: Path) -> None:
+    """Tiny HF-format Whisper (random weights) with a Whisper-shaped multilingual tokenizer,
+    the real feature extractor (80 mel bins, 16 kHz, 30 s) and generation config."""
+    import torch
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    assert all(lang in LANGUAGES for lang in _WHISPER_LANGS_MIN)
+    tokenizer = _whisper_tokenizer()
+    gen = _whisper_generation_config(tokenizer, TINY_WHISPER_CONFIG["decoder_layers"])
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=gen["bos_token_id"],
+        eos_token_id=gen["eos_token_id"],
+        pad_token_id=gen["pad_token_id"],
+        decoder_start_token_id=gen["decoder_start_token_id"],
+        begin_suppress_tokens=gen["begin_suppress_tokens"],
+        suppress_tokens=gen["suppress_tokens"],
+        **TINY_WHISPER_CONFIG,
+    )
+    torch.manual_seed(_SEED)  # same weights on every build
+    model = WhisperForConditionalGeneration(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    feature_extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer).save_pretrained(out)
+    # transformers 5 puts it in processor_config.json; GenAI reads preprocessor_config.json.
+    feature_extractor.save_pretrained(out)
+    _write_json(out / "generation_config.json", gen)  # replaces the one save_pretrained wrote
+
+
+def make_tiny_whisper_ir(out: Path) -> None:
+    """The tiny Whisper as IR for GenAI's WhisperPipeline: encoder, stateful decoder,
+    tokenizer and detokenizer IR, config/generation/preprocessor json."""
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-whisper-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_whisper_hf(src)
+        export_to_ir(src, out, task="automatic-speech-recognition-with-past",
+                     weight_format="fp32")
+        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+        _scrub_source_path(out, src, TINY_WHISPER_HF)
+
+
+# SpeechT5Config arguments of the tiny text-to-speech model (random weights); 80 mel bins and
+# 512-wide speaker embeddings as in microsoft/speecht5_tts (GenAI expects both).
+TINY_SPEECHT5_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 128,
+    "decoder_layers": 2,
+    "decoder_attention_heads": 2,
+    "decoder_ffn_dim": 128,
+    "speech_decoder_prenet_units": 64,
+    "speech_decoder_postnet_layers": 2,
+    "speech_decoder_postnet_units": 64,
+    "num_mel_bins": 80,
+    "speaker_embedding_dim": 512,
+    "max_speech_positions": 1000,
+    "max_text_positions": 450,
+    # the speech encoder (speech-to-text/speech-to-speech) is not part of the TTS model
+    "conv_dim": (32, 32),
+    "conv_stride": (5, 2),
+    "conv_kernel": (10, 3),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+}
+# SpeechT5HifiGanConfig of the tiny vocoder: 4 x 4 x 4 x 4 = 256 samples per mel frame, the
+# feature extractor's 16 ms hop at 16 kHz.
+TINY_HIFIGAN_CONFIG: dict[str, Any] = {
+    "model_in_dim": 80,
+    "sampling_rate": 16000,
+    "upsample_initial_channel": 32,
+    "upsample_rates": (4, 4, 4, 4),
+    "upsample_kernel_sizes": (8, 8, 8, 8),
+    "resblock_kernel_sizes": (3,),
+    "resblock_dilation_sizes": ((1, 3),),
+}
+# The characters of the SentencePiece char model (SpeechT5's tokenizer is character-level).
+_SPEECHT5_CHARS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\"-:;()"
+)
+
+
+def _speecht5_spm_model() -> bytes:
+    """A SentencePiece char model like microsoft/speecht5_tts's spm_char.model: <s> 0,
+    <pad> 1, </s> 2, <unk> 3, then characters by frequency in a fixed text."""
+    import io
+
+    import sentencepiece as spm
+
+    # Each character appears a distinct number of times, so the id order is fixed.
+    lines = [c * (i + 1) for i, c in enumerate(reversed(_SPEECHT5_CHARS.replace(" ", "")))]
+    lines += ["a b c " * 4]  # word boundaries: the "▁" piece
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="char",
+        vocab_size=len(_SPEECHT5_CHARS) + 4,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def make_tiny_speecht5_hf(out: Path) -> None:
+    """Tiny HF-format SpeechT5 text-to-speech model (random weights) with a SentencePiece
+    char tokenizer and feature extractor (SpeechT5Processor) in ``out``, and a random
+    SpeechT5HifiGan vocoder in ``out / "vocoder"``."""
+    import torch
+    from transformers import (
+        SpeechT5Config,
+        SpeechT5FeatureExtractor,
+        SpeechT5ForTextToSpeech,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+        SpeechT5Processor,
+        SpeechT5Tokenizer,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="spm-") as tmp:
+        spm_file = Path(tmp) / "spm_char.model"
+        spm_file.write_bytes(_speecht5_spm_model())
+        tokenizer = SpeechT5Tokenizer(vocab_file=str(spm_file))
+        processor = SpeechT5Processor(
+            feature_extractor=SpeechT5FeatureExtractor(), tokenizer=tokenizer
+        )
+        processor.save_pretrained(out)
+    config = SpeechT5Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+        **TINY_SPEECHT5_CONFIG,
+    )
+    torch.manual_seed(_SEED)  # same weights on every build
+    SpeechT5ForTextToSpeech(config).eval().save_pretrained(out)
+    torch.manual_seed(_SEED)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**TINY_HIFIGAN_CONFIG)).eval()
+    vocoder.save_pretrained(out / "vocoder")
+
+
+def make_tiny_speecht5_ir(out: Path) -> None:
+    """The tiny SpeechT5 as IR for GenAI's Text2SpeechPipeline: text encoder, stateful
+    decoder, postnet and vocoder IR, and the tokenizer IR."""
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-speecht5-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_speecht5_hf(src)
+        export_to_ir(src, out, task="text-to-audio", weight_format="fp32",
+                     model_kwargs={"vocoder": str(src / "vocoder")})
+        _scrub_source_path(out, src, TINY_SPEECHT5_HF)
+
+
 # --- the real model (SmolLM2-135M-Instruct) -----------------------------------------------
 
 
@@ -577,6 +850,10 @@ RECIPES: dict[str, Recipe] = {
     TINY_RERANK_HF: Recipe(make_tiny_rerank_hf, 1),
     TINY_SD: Recipe(make_tiny_sd_ir, 1),
     TINY_SD_HF: Recipe(make_tiny_sd_hf, 1),
+    TINY_SPEECHT5: Recipe(make_tiny_speecht5_ir, 1),
+    TINY_SPEECHT5_HF: Recipe(make_tiny_speecht5_hf, 1),
+    TINY_WHISPER: Recipe(make_tiny_whisper_ir, 1),
+    TINY_WHISPER_HF: Recipe(make_tiny_whisper_hf, 1),
     f"{QWEN05B_SHAPE}-int8": Recipe(make_qwen05b_int8, 1),
     f"{QWEN05B_SHAPE}-int4": Recipe(make_qwen05b_int4, 1),
 }

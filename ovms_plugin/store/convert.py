@@ -61,12 +61,15 @@ def export_to_ir(
     weight_format: str | None = None,
     library: str | None = None,
     trust_remote_code: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Export the HF-format folder ``src`` to OpenVINO IR in ``dst``.
 
     ``weight_format`` None keeps optimum's default (fp32, or int8 for models over 1B
     parameters); "fp32"/"fp16" store weights in that type; "int8"/"int4" compress weights
-    like the CLI. On failure ``dst`` may hold a partial export: export into a temporary folder.
+    like the CLI. ``model_kwargs`` goes to optimum's ``main_export`` as the CLI's
+    ``--model-kwargs`` does (SpeechT5 needs ``{"vocoder": <folder or id>}``). On failure
+    ``dst`` may hold a partial export: export into a temporary folder.
     """
     if weight_format is not None and weight_format not in WEIGHT_FORMATS:
         raise ValueError(
@@ -92,6 +95,7 @@ def export_to_ir(
         convert_tokenizer=True,  # without it no tokenizer IR is written
         library_name=library,
         trust_remote_code=trust_remote_code,
+        model_kwargs=model_kwargs,
     )
     if quantization is not None:
         # What optimum-cli does after main_export: reload the IR and compress its weights.
@@ -106,6 +110,7 @@ def export_to_ir(
             output=dst,
             cache_dir=HF_HUB_CACHE,
             trust_remote_code=trust_remote_code,
+            model_kwargs=model_kwargs,
         )
 
     if task.removesuffix("-with-past") in _TEXT_TASKS or library == "sentence_transformers":
