@@ -53,13 +53,19 @@ def test_plugin_yaml_is_what_aog_accepts():
     assert m["platforms"]["linux_amd64"]["executable"] == "bin/linux-amd64/ovms-plugin"
     for s in m["services"]:
         assert s["config_ref"] == f"openvino:{s['service_name']}"
-        assert s["protocol"] == "HTTP" and s["expose_protocol"] == "HTTP"
+        bidi = s["service_name"] == "speech-to-text-ws"
+        assert s["protocol"] == "HTTP"
+        assert s["expose_protocol"] == ("WEBSOCKET" if bidi else "HTTP")
+        assert s["capabilities"]["support_bidirectional"] is bidi
+        if bidi:
+            assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True
         if s["service_name"] in ("chat", "generate"):
             assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True
         if s["service_name"] == "text-to-image":
             assert s["timeout"] == -1
     assert {s["service_name"] for s in m["services"]} == {
-        "chat", "generate", "embed", "rerank", "text-to-image"}
+        "chat", "generate", "embed", "rerank", "text-to-image", "speech-to-text",
+        "speech-to-text-ws", "text-to-speech"}
 
 
 def test_plugin_yaml_services_are_the_registered_kinds():
@@ -72,5 +78,7 @@ def test_plugin_yaml_services_are_the_registered_kinds():
         svc, s = kinds.service(name), declared[name]
         streaming = svc.stream is not None if svc.aog_streaming is None else svc.aog_streaming
         assert (s["task_type"], s["timeout"], s["default_model"],
-                s["capabilities"]["support_streaming"]) == \
-            (svc.task_type, svc.timeout, svc.default_model, streaming), name
+                s["capabilities"]["support_streaming"],
+                s["capabilities"]["support_bidirectional"]) == \
+            (svc.task_type, svc.timeout, svc.default_model, streaming,
+             svc.bidi is not None), name

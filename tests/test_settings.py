@@ -19,6 +19,8 @@ from ovms_plugin.kinds.embed import EmbedOptions
 from ovms_plugin.kinds.image import ImageOptions
 from ovms_plugin.kinds.llm import LLMOptions
 from ovms_plugin.kinds.rerank import RerankOptions
+from ovms_plugin.kinds.speech import SpeechOptions
+from ovms_plugin.kinds.tts import TtsOptions
 
 ENV = ("OVMS_PLUGIN_DEVICE", "OVMS_PLUGIN_MAX_WAITING", "OVMS_PLUGIN_COMPILE_CACHE",
        "OVMS_PLUGIN_MEMORY_BUDGET", "OVMS_PLUGIN_IDLE_UNLOAD", "OVMS_PLUGIN_DRAIN_SECONDS",
@@ -116,7 +118,7 @@ def test_each_kind_declares_its_options_with_defaults_and_docs():
     from ovms_plugin import kinds
     declared = {k.options_section: k.options_type for k in kinds.all() if k.options_section}
     assert declared == {"llm": LLMOptions, "embed": EmbedOptions, "rerank": RerankOptions,
-                        "image": ImageOptions}
+                        "image": ImageOptions, "speech": SpeechOptions, "tts": TtsOptions}
     assert kinds.get("llm_stateful").options_type is LLMOptions
     for cls in declared.values():
         for f in dataclasses.fields(cls):
@@ -186,7 +188,8 @@ def test_defaults_without_a_file(file: Path):
     assert settings.shutdown_drain_seconds(plugin=True) == settings.PLUGIN_DRAIN_SECONDS
     assert settings.body_timeout_seconds() == settings.DEFAULT_BODY_TIMEOUT
     assert settings.model_settings("m") == settings.ModelSettings(
-        options={"llm": {}, "embed": {}, "rerank": {}, "image": {}})
+        options={"llm": {}, "embed": {}, "rerank": {}, "image": {}, "speech": {},
+                 "tts": {}})
 
 
 # --- read once, again on a change -------------------------------------------------------------

@@ -19,6 +19,7 @@ import yaml
 from ovms_plugin import __version__, engine_check, paths, settings
 from ovms_plugin.aog.proto import provider_pb2 as pb
 from ovms_plugin.aog.proto import provider_pb2_grpc as pb_grpc
+from ovms_plugin.kinds import BidiMessage
 from ovms_plugin.service import errors, invoke, jsonenc
 from ovms_plugin.service.errors import ServiceError
 from ovms_plugin.service.runtime import Runtime
@@ -50,6 +51,12 @@ def _body(raw: bytes, what: str) -> Any:
                            f"{limit / 2**20:.0f} MiB; send less, or raise max_request_size in "
                            "the settings", errors.INVALID_REQUEST)
     return errors.parse_json(raw or b"{}", what)
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for m in rest:
+        yield m
 
 
 def sse(data: Any) -> bytes:
@@ -102,13 +109,42 @@ class ProviderServicer(pb_grpc.ProviderServiceServicer):
             yield pb.InvokeServiceStreamResponse(code=code, message=message, is_final=True)
 
     async def InvokeServiceBidi(self, request_iterator, context):
-        # AOG never opens it; each message is served as one unary call.
-        async for msg in request_iterator:
-            resp = await self.InvokeService(pb.InvokeServiceRequest(
-                service_name=msg.service_name, request_data=msg.data), context)
-            yield pb.InvokeServiceBidiResponse(code=resp.code, message=resp.message,
-                                               data=resp.response_data,
-                                               message_type=msg.message_type)
+        """A service's bidirectional stream (speech-to-text-ws): the first message names
+        the service and carries AOG's metadata (ws_conn_id, model, language, format,
+        sample_rate). A service without one serves each message as one InvokeService."""
+        it = aiter(request_iterator)
+        try:
+            first = await anext(it)
+        except StopAsyncIteration:
+            return
+        try:
+            svc = invoke.lookup(first.service_name)
+        except ServiceError as e:
+            yield pb.InvokeServiceBidiResponse(code=e.code, message=e.message)
+            return
+        if svc.bidi is None:
+            async for msg in _chain(first, it):
+                resp = await self.InvokeService(pb.InvokeServiceRequest(
+                    service_name=first.service_name, request_data=msg.data), context)
+                yield pb.InvokeServiceBidiResponse(code=resp.code, message=resp.message,
+                                                   data=resp.response_data,
+                                                   message_type=msg.message_type)
+            return
+
+        async def messages() -> AsyncIterator[BidiMessage]:
+            async for m in _chain(first, it):
+                yield BidiMessage(m.message_type, m.data, dict(m.metadata))
+
+        try:
+            async with aclosing(svc.bidi(self.rt, first.service_name, dict(first.metadata),
+                                         messages())) as out:
+                async for m in out:
+                    yield pb.InvokeServiceBidiResponse(code=0, message=SUCCESS, data=m.data,
+                                                       message_type=m.message_type,
+                                                       metadata=m.metadata)
+        except Exception as e:
+            code, message = _fail(e)
+            yield pb.InvokeServiceBidiResponse(code=code, message=message)
 
     # --- lifecycle ----------------------------------------------------------------------
 

@@ -100,3 +100,44 @@ class ImageProgress:
 @dataclass(slots=True)
 class ImageResult:
     images: list[bytes]  # PNGs
+
+
+# kinds/speech.py
+@dataclass(slots=True)
+class TranscribeJob:
+    """Speech to text: float32 mono samples at 16 kHz (service/audio.py decodes them)."""
+
+    samples: Any  # np.ndarray float32
+    language: str | None = None  # "<|en|>"; None: detected
+    task: str = "transcribe"  # or "translate" (to English)
+    timestamps: bool = True  # segments with start and end times
+    prompt: str | None = None  # initial prompt: spellings, style
+    temperature: float = 0.0  # 0: greedy
+
+
+# kinds/speech.py
+@dataclass(slots=True)
+class TranscribeResult:
+    text: str
+    segments: list[tuple[float, float, str]]  # (start s, end s, text)
+    language: str | None  # the language token decoded ("<|en|>"), given or detected
+    seconds: float  # audio length
+    processing_seconds: float
+
+
+# kinds/tts.py
+@dataclass(slots=True)
+class SpeakJob:
+    """Text to speech, one sentence after another (the front end splits the text)."""
+
+    sentences: list[str]
+    voice: str | None = None  # a speaker embedding the model folder ships; None: the default
+    speed: float | None = None  # only engines whose model honours it get one
+
+
+# kinds/tts.py
+@dataclass(slots=True)
+class SpeechChunk:
+    index: int  # the sentence's
+    samples: Any  # np.ndarray float32 mono at `rate`
+    rate: int

@@ -50,7 +50,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from ovms_plugin.http.common import (
     MODEL,
@@ -61,6 +61,7 @@ from ovms_plugin.http.common import (
     read_json,
     sse_response,
 )
+from ovms_plugin.kinds import BidiMessage
 from ovms_plugin.service import errors, invoke
 from ovms_plugin.service.errors import ServiceError, bool_field, invalid
 from ovms_plugin.store.store import rfc3339
@@ -203,6 +204,38 @@ async def any_service(request: web.Request) -> web.StreamResponse:
     return json_response(await svc.unary(rt, service, body))
 
 
+async def speech_to_text_ws(request: web.Request) -> web.WebSocketResponse:
+    """speech-to-text-ws as AOG serves it to its clients: a WebSocket carrying AOG's
+    run-task / audio / finish-task protocol (service/stt_stream.py). Query parameters
+    (model, language, format, sample_rate, use_vad) act as AOG's session metadata."""
+    svc = invoke.lookup("speech-to-text-ws")
+    assert svc.bidi is not None
+    ws = web.WebSocketResponse(max_msg_size=request.app[STATE].max_body_bytes)
+    await ws.prepare(request)
+    metadata = {"ws_conn_id": request[REQUEST_ID], **request.query}
+
+    async def messages() -> AsyncIterator[BidiMessage]:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                yield BidiMessage("text", msg.data.encode())
+            elif msg.type == WSMsgType.BINARY:
+                yield BidiMessage("binary", msg.data)
+            else:
+                break
+
+    async with aclosing(svc.bidi(request.app[RUNTIME], "speech-to-text-ws", metadata,
+                                 messages())) as out:
+        async for m in out:
+            if ws.closed:
+                break
+            if m.message_type == "text":
+                await ws.send_str(m.data.decode())
+            elif m.message_type == "binary":
+                await ws.send_bytes(m.data)
+    await ws.close()
+    return ws
+
+
 async def models(request: web.Request) -> web.Response:
     entries = await asyncio.to_thread(request.app[RUNTIME].store.list)
     return json_response({"models": [e.to_aog() for e in entries]})
@@ -215,4 +248,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/rerank", rerank)
     app.router.add_post(f"{PREFIX}/text-to-image", text_to_image)
     app.router.add_get(f"{PREFIX}/models", models)
+    app.router.add_get(f"{PREFIX}/speech-to-text-ws", speech_to_text_ws)
     app.router.add_post(f"{PREFIX}/{{service}}", any_service)  # after the ones above

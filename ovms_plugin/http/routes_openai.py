@@ -10,6 +10,13 @@ OpenAI-shaped objects as JSON or as server-sent events ending with `data: [DONE]
   `num_inference_steps`, `seed`, `negative_prompt`, `guidance_scale`.
 - POST /v1/rerank: Cohere/Jina shape, `{"id", "model", "results": [{"index",
   "relevance_score", "document": {"text"}}], "usage"}`, best first.
+- POST /v1/audio/transcriptions, /v1/audio/translations (multipart/form-data: `file`,
+  `model`, `language`, `prompt`, `response_format` json/text/srt/vtt/verbose_json,
+  `temperature`, `timestamp_granularities[]` segment): `{"text"}` and the others.
+- POST /v1/audio/speech: `input`, `voice`, `response_format` wav/flac/mp3/pcm (default
+  mp3), `speed`; the audio file as the body. With `stream_format` "audio" the audio is
+  sent sentence by sentence as it is spoken (wav, pcm, mp3); with "sse", events
+  `speech.audio.delta` (base64 audio of a sentence) then `speech.audio.done`.
 - GET /v1/models, /v1/models/{id}: the installed models; the list marks loaded ones
   (`"loaded": true`).
 """
@@ -22,10 +29,21 @@ from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
-from ovms_plugin.http.common import MODEL, RUNTIME, json_response, read_json, sse_response
-from ovms_plugin.service import invoke
+from ovms_plugin.http.common import (
+    MODEL,
+    RUNTIME,
+    STATE,
+    StreamFormat,
+    json_response,
+    read_json,
+    sse_response,
+    stream_response,
+)
+from ovms_plugin.kinds import speech as speech_kind
+from ovms_plugin.kinds import tts as tts_kind
+from ovms_plugin.service import audio, invoke, tts
 from ovms_plugin.service.errors import bool_field, invalid
 from ovms_plugin.store.store import ModelEntry
 
@@ -77,6 +95,130 @@ async def images_generations(request: web.Request) -> web.Response:
     return await _unary(request, "text-to-image", body)
 
 
+_FORM_LISTS = {"timestamp_granularities[]": "timestamp_granularities",
+               "timestamp_granularities": "timestamp_granularities"}
+
+
+async def read_form(request: web.Request) -> dict[str, Any]:
+    """A multipart/form-data body as a dict: `file` as bytes, other fields as text (a few
+    converted to what the JSON bodies carry), within the server's body limit."""
+    limit = request.app[STATE].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    if not request.content_type.startswith("multipart/"):
+        raise invalid("send multipart/form-data with the audio file in the 'file' field (as "
+                      "the OpenAI clients do)", "file")
+    body: dict[str, Any] = {}
+    total = 0
+    reader = await request.multipart()
+    async for part in reader:
+        if not isinstance(part, BodyPartReader):
+            raise invalid("nested multipart bodies are not accepted", "file")
+        name = part.name or ""
+        chunks = []
+        while data := await part.read_chunk(1 << 16):
+            total += len(data)
+            if total > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+            chunks.append(data)
+        raw = b"".join(chunks)
+        if name == "file":
+            body["file"] = raw
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid(f"form field '{name}' is not UTF-8 text", name) from None
+        if name in _FORM_LISTS:
+            body.setdefault(_FORM_LISTS[name], []).append(text)
+        else:
+            body[name] = text
+    if isinstance(body.get("model"), str):
+        request[MODEL] = body["model"]
+    if "temperature" in body:
+        try:
+            body["temperature"] = float(body["temperature"])
+        except ValueError:
+            raise invalid(f"'temperature' must be a number, got {body['temperature']!r}",
+                          "temperature") from None
+    if "stream" in body:
+        if body["stream"] not in ("true", "false"):
+            raise invalid("'stream' must be true or false", "stream")
+        body["stream"] = body["stream"] == "true"
+    return body
+
+
+_TEXT_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
+
+
+async def _transcribe(request: web.Request, task: str) -> web.Response:
+    body = await read_form(request)
+    result = await speech_kind.run_body(request.app[RUNTIME], body, allow_paths=False,
+                                        task=task, default_format="json")
+    fmt = result.pop("format", None)
+    if fmt in _TEXT_TYPES:
+        return web.Response(text=result["text"], content_type=_TEXT_TYPES[fmt])
+    return json_response(result)
+
+
+async def audio_transcriptions(request: web.Request) -> web.Response:
+    return await _transcribe(request, "transcribe")
+
+
+async def audio_translations(request: web.Request) -> web.Response:
+    return await _transcribe(request, "translate")
+
+
+def _audio_format(content_type: str) -> StreamFormat:
+    """Raw audio bytes as the stream: an error after the first bytes can only end it."""
+    return StreamFormat(content_type, lambda b: b, lambda e: b"", lambda *a: b"")
+
+
+async def _audio_chunks(rt: Any, req: tts.SpeechRequest) -> AsyncIterator[bytes]:
+    first = True
+    async with aclosing(tts_kind.speak(rt, req)) as chunks:
+        async for _text, chunk in chunks:
+            if req.response_format == "wav":
+                data = audio.pcm16(chunk.samples)
+                if first:
+                    data = audio.wav_stream_header(chunk.rate) + data
+            elif req.response_format == "pcm":
+                data = audio.pcm16(chunk.samples)
+            else:  # mp3 frames of one sentence after another make one stream
+                data = await asyncio.to_thread(audio.encode, chunk.samples, chunk.rate,
+                                               req.response_format)
+            first = False
+            yield data
+
+
+async def _sse_chunks(rt: Any, req: tts.SpeechRequest) -> AsyncIterator[dict[str, Any]]:
+    seconds = 0.0
+    async with aclosing(tts_kind.speak(rt, req)) as chunks:
+        async for text, chunk in chunks:
+            seconds += len(chunk.samples) / chunk.rate
+            data = tts.chunk(chunk.samples, chunk.rate, req.response_format, chunk.index, text)
+            yield {"type": "speech.audio.delta", "audio": data["audio"],
+                   "index": chunk.index, "text": text}
+    yield {"type": "speech.audio.done", "duration": round(seconds, 3)}
+
+
+async def audio_speech(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    req = tts.parse(body, default_format="mp3" if "mp3" in audio.FORMATS else "wav")
+    rt = request.app[RUNTIME]
+    if req.stream and req.stream_format == "sse":
+        return await sse_response(request, _sse_chunks(rt, req), done=False)
+    if req.stream:
+        if req.response_format == "flac":
+            raise invalid("flac cannot be streamed sentence by sentence; ask for wav, pcm or "
+                          "mp3, or leave out stream_format", "response_format")
+        return await stream_response(request, _audio_chunks(rt, req),
+                                     _audio_format(audio.FORMATS[req.response_format]))
+    samples, rate = await tts_kind.speak_all(rt, req)
+    data = await asyncio.to_thread(audio.encode, samples, rate, req.response_format)
+    return web.Response(body=data, content_type=audio.FORMATS[req.response_format])
+
+
 def model_object(entry: ModelEntry) -> dict[str, Any]:
     """An OpenAI model object; `created` is the install time."""
     try:
@@ -108,5 +250,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/images/generations", images_generations)
     app.router.add_post("/v1/rerank", rerank)
+    app.router.add_post("/v1/audio/transcriptions", audio_transcriptions)
+    app.router.add_post("/v1/audio/translations", audio_translations)
+    app.router.add_post("/v1/audio/speech", audio_speech)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)

@@ -8,14 +8,14 @@ an extension) registers its own with register().
 
 from __future__ import annotations
 
-from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
+from ovms_plugin.kinds.base import BidiMessage, Kind, Service, StreamChunk, ValidationError
 
-__all__ = ["Kind", "Service", "StreamChunk", "ValidationError", "all", "for_service",
+__all__ = ["BidiMessage", "Kind", "Service", "StreamChunk", "ValidationError", "all", "for_service",
            "for_task", "get", "is_native", "recognise", "register", "service", "services",
            "unregister"]
 
 # The built-in kinds, registered in one place.
-from ovms_plugin.kinds import embed, image, llm, llm_stateful, rerank
+from ovms_plugin.kinds import embed, image, llm, llm_stateful, rerank, speech, tts
 from ovms_plugin.kinds.registry import (
     all,
     for_service,
@@ -29,5 +29,5 @@ from ovms_plugin.kinds.registry import (
     unregister,
 )
 
-for _module in (llm, llm_stateful, embed, rerank, image):
+for _module in (llm, llm_stateful, embed, rerank, image, speech, tts):
     register(_module.KIND)

@@ -32,8 +32,21 @@ class StreamChunk:
     final: bool = False
 
 
+@dataclass
+class BidiMessage:
+    """One message of a bidirectional stream, either way (AOG's InvokeServiceBidi, a
+    WebSocket): `message_type` is "text", "binary", "ping", "pong" or "close"."""
+
+    message_type: str
+    data: bytes = b""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 Unary = Callable[["Runtime", str, Any], Awaitable[dict[str, Any]]]
 Stream = Callable[["Runtime", str, Any], AsyncIterator[StreamChunk]]
+# (runtime, service, the first message's metadata, the messages in, the first included)
+Bidi = Callable[["Runtime", str, dict[str, str], AsyncIterator[BidiMessage]],
+                AsyncIterator[BidiMessage]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class Service:
     # The stream reports usage only when asked (stream_options.include_usage), in a last
     # chunk of its own; AOG's adapters ask, and fold it into the finishing chunk.
     stream_usage: bool = False
+    # A bidirectional stream (plugin.yaml: expose_protocol WEBSOCKET, support_bidirectional).
+    bidi: Bidi | None = None
 
 
 class Kind:
@@ -85,6 +100,11 @@ class Kind:
 
     def default_weight_format(self, n_params: int) -> str:
         return "fp16"
+
+    def conversion_model_kwargs(self, src: Path) -> dict[str, Any]:
+        """Extra model arguments optimum's export needs for the source folder (SpeechT5's
+        vocoder); raises ValidationError when the folder lacks them."""
+        return {}
 
     def validate(self, folder: Path, model_type: str | None) -> dict[str, Any]:
         """Loads the model the way the engine will and runs the smallest real request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from typing import Any
@@ -110,6 +111,17 @@ def bool_field(body: dict, key: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise invalid(f"'{key}' must be true or false, got {value!r}", key)
     return value
+
+
+def check_fields(body: dict, known: frozenset[str] | set[str], what: str) -> None:
+    """Refuses a field `what` (a service or route) does not know, naming the closest
+    known one: nothing a caller sends is silently ignored."""
+    for key in body:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else \
+                f"; known fields: {', '.join(sorted(known))}"
+            raise invalid(f"unknown field '{key}' for {what}{hint}", str(key))
 
 
 def require_model(body: object) -> str:

@@ -37,9 +37,11 @@ def _kind(task: str) -> kinds.Kind:
 def convert(src: str, dst: str, task: str, weight_format: str | None, library: str | None,
             trust_remote_code: bool) -> None:
     from ovms_plugin.store.convert import export_to_ir
-    export_task = _kind(task).export_task or task
-    export_to_ir(Path(src), Path(dst), task=export_task, weight_format=weight_format,
-                 library=library, trust_remote_code=trust_remote_code)
+    kind = _kind(task)
+    extra = kind.conversion_model_kwargs(Path(src))
+    export_to_ir(Path(src), Path(dst), task=kind.export_task or task,
+                 weight_format=weight_format, library=library,
+                 trust_remote_code=trust_remote_code, **({"model_kwargs": extra} if extra else {}))
 
 
 def convert_gguf(src: str, dst: str, weight_format: str | None = None) -> None:
