@@ -142,6 +142,24 @@ class AogHost:
         return self.stub.InvokeServiceStream(pb.InvokeServiceRequest(
             service_name=service, request_data=json.dumps(body).encode()), timeout=timeout)
 
+    def invoke_bidi(self, service: str, messages: Iterator[tuple[str, bytes]],
+                    metadata: dict[str, str] | None = None,
+                    timeout: float | None = 300.0) -> Iterator[Any]:
+        """InvokeServiceBidi as AOG's SDK drives it: the first message carries the service
+        name, is_first and the metadata (ws_conn_id, model, ...); every message is a
+        (message_type, data) pair. Returns the response iterator (cancel() works)."""
+        assert self.stub is not None
+
+        def requests() -> Iterator[Any]:
+            first = True
+            for kind, data in messages:
+                yield pb.InvokeServiceBidiRequest(
+                    service_name=service if first else "", data=data, message_type=kind,
+                    metadata=(metadata or {}) if first else {}, is_first=first)
+                first = False
+
+        return self.stub.InvokeServiceBidi(requests(), timeout=timeout)
+
     # --- stop ---------------------------------------------------------------------------
 
     def kill(self, grace: float = 2.0, eof_timeout: float = 10.0) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from ovms_plugin.engine.protocol import StepOutput
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import SpeakJob, SpeechChunk
 
@@ -67,6 +67,10 @@ class TtsEngine(QueuedEngine):
         # SpeechT5 has a speaker of its own; models that need one given (Kokoro) do not.
         self.has_default = bool(config.get("tts", {}).get("builtin_speaker", True))
         self.honours_speed = bool(config.get("tts", {}).get("honours_speed", False))
+        # Generation settings from the model's settings (None: the model's own).
+        self.generation = {k: float(v) for k, v in config.get("tts", {}).items()
+                           if k in ("minlenratio", "maxlenratio", "threshold")
+                           and v is not None}
         self.rate = 16000
         self.requests_total = 0
         self.characters_total = 0
@@ -82,7 +86,7 @@ class TtsEngine(QueuedEngine):
                 "honours_speed": self.honours_speed}
 
     def speak(self, text: str, voice: str | None, speed: float | None) -> np.ndarray:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(self.generation)
         if speed is not None and self.honours_speed:
             kwargs["speed"] = float(speed)
         args: list[Any] = [text]
@@ -105,7 +109,14 @@ class TtsEngine(QueuedEngine):
         for i, sentence in enumerate(job.sentences):
             if self.take_interrupt(req_id):
                 return []
-            chunk = SpeechChunk(i, self.speak(sentence, job.voice, job.speed), self.rate)
+            try:
+                chunk = SpeechChunk(i, self.speak(sentence, job.voice, job.speed), self.rate)
+            except Exception as e:  # one request's failure must not take the engine down
+                log.exception("speech failed")
+                self.take_interrupt(req_id)
+                return [failed(req_id, FailureKind.INTERNAL,
+                               f"the speech engine failed on sentence {i + 1}: "
+                               f"{type(e).__name__}: {e}")]
             if i == last:
                 if self.take_interrupt(req_id):
                     return []

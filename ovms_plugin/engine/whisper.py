@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from ovms_plugin.engine.protocol import StepOutput
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import TranscribeJob, TranscribeResult
 from ovms_plugin.engine.stats import Histogram
@@ -28,6 +28,7 @@ from ovms_plugin.engine.stats import Histogram
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 30.0  # Whisper's input window
+MIN_SAMPLES = 400  # one FFT window (25 ms)
 
 
 class WhisperEngine(QueuedEngine):
@@ -54,6 +55,8 @@ class WhisperEngine(QueuedEngine):
     def transcribe(self, job: TranscribeJob) -> TranscribeResult:
         samples = np.ascontiguousarray(job.samples, dtype=np.float32)
         seconds = len(samples) / 16000
+        if len(samples) < MIN_SAMPLES:  # the feature extractor's window; Whisper pads anyway
+            samples = np.pad(samples, (0, MIN_SAMPLES - len(samples)))
         kwargs: dict[str, Any] = {
             "task": job.task,
             # Long audio is decoded window by window from the timestamps.
@@ -67,16 +70,22 @@ class WhisperEngine(QueuedEngine):
         started = time.monotonic()
         result = self.pipe.generate(samples, **kwargs)
         spent = time.monotonic() - started
-        segments = [(float(c.start_ts), float(c.end_ts) if c.end_ts >= 0 else seconds, c.text)
-                    for c in (result.chunks or [])]
-        languages = list(getattr(result, "languages", None) or [])
+        # Times within the audio (a chunk still open at the end has no end time).
+        segments = []
+        for c in result.chunks or []:
+            end = min(float(c.end_ts), seconds) if c.end_ts >= 0 else seconds
+            segments.append((min(max(float(c.start_ts), 0.0), end), end, c.text))
+        detected = getattr(result, "language", None) or \
+            next(iter(getattr(result, "languages", None) or []), None)
         self.requests_total += 1
         self.audio_seconds_total += seconds
         self.processing_seconds_total += spent
         self.latency.observe(spent)
         return TranscribeResult(text=result.texts[0] if result.texts else "",
                                 segments=segments,
-                                language=job.language or (languages[0] if languages else None),
+                                language=job.language or (f"<|{detected}|>" if detected and
+                                                          not detected.startswith("<|")
+                                                          else detected),
                                 seconds=seconds, processing_seconds=spent)
 
     def step(self) -> list[StepOutput]:
@@ -84,7 +93,13 @@ class WhisperEngine(QueuedEngine):
         assert isinstance(job, TranscribeJob)
         if self.take_interrupt(req_id):
             return []
-        out = self.transcribe(job)
+        try:
+            out = self.transcribe(job)
+        except Exception as e:  # one request's failure must not take the engine down
+            log.exception("transcription failed")
+            self.take_interrupt(req_id)
+            return [failed(req_id, FailureKind.INTERNAL,
+                           f"the speech engine failed: {type(e).__name__}: {e}")]
         if self.take_interrupt(req_id):
             return []  # the caller is gone
         return [StepOutput(req_id, out, "stop")]

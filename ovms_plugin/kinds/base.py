@@ -77,6 +77,8 @@ class Kind:
     services: tuple[Service, ...] = ()
     required_files: tuple[str, ...] = ("openvino_model.xml", "openvino_model.bin")
     export_task: str | None = None  # optimum's task for conversion (None: `task`)
+    # Files or folders of a converted source kept beside the IR (TTS voices).
+    carries: tuple[str, ...] = ()
     needs_tokenizer: bool = False  # the front end loads the model's tokenizer
     options_section: str = ""  # settings.yaml's section of engine options for it
     # The dataclass of that section's options (fields made with settings.option: type,

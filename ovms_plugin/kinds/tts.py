@@ -35,6 +35,18 @@ class TtsOptions:
 
     max_input_chars: int = option(tts.DEFAULT_MAX_CHARS, "the longest text accepted",
                                   minimum=1)
+    minlenratio: float | None = option(None, "SpeechT5: the shortest speech, in frames per "
+                                             "input token (default: the model's)", minimum=0)
+    maxlenratio: float | None = option(None, "SpeechT5: the longest speech, in frames per "
+                                             "input token (default: the model's)", minimum=0)
+    threshold: float | None = option(None, "SpeechT5: the stop probability that ends "
+                                           "speech (default: the model's)", minimum=0)
+
+    def __post_init__(self) -> None:
+        if self.minlenratio is not None and self.maxlenratio is not None and \
+                self.maxlenratio <= self.minlenratio:
+            raise ValueError(f"maxlenratio must be over minlenratio, got {self.maxlenratio} "
+                             f"and {self.minlenratio}")
 
 
 def _speecht5(folder: Path) -> bool:
@@ -100,6 +112,7 @@ class TtsKind(Kind):
                         # AOG reads one answer; the sentence stream is for direct callers.
                         aog_streaming=False),)
     required_files = SPEECHT5_FILES
+    carries = ("voices",)  # the speaker embeddings a source folder brings
     options_section = "tts"
     options_type = TtsOptions
     device_preference = ("CPU", "GPU.integrated")

@@ -131,7 +131,6 @@ class Segmenter:
                 closed.append(self._close(min(self.scanned, self.last_speech + 6 * FRAME)))
             elif length >= (self.max_len if self.use_vad else min(self.window, self.max_len)):
                 closed.append(self._close(self.scanned))
-        self._trim()
         return closed
 
     def _close(self, end: int) -> Sentence:
@@ -150,8 +149,9 @@ class Segmenter:
     def open_sentence(self) -> Sentence | None:
         return None if self.open is None else Sentence(self.open, self.total, False)
 
-    def _trim(self) -> None:
-        """Forgets audio no sentence can need any more (keeps the pre-roll)."""
+    def trim(self) -> None:
+        """Forgets audio no open sentence can need any more (keeps the pre-roll): called
+        once the closed sentences are transcribed."""
         keep_from = self.open if self.open is not None else max(
             self.base, self.scanned - 4 * FRAME)
         if keep_from - self.base > RATE:  # in steps of a second or more
@@ -414,6 +414,7 @@ async def _run(rt: Any, service: str, metadata: dict[str, str], task: _Task,
             for sentence in closed:
                 yield await result(sentence)
                 last_partial = 0
+            seg.trim()
             if not finishing and (open_ := seg.open_sentence()) is not None:
                 length = open_.end - open_.start
                 if length - last_partial >= s.partial_seconds * RATE:

@@ -637,6 +637,14 @@ def _convert(src: Path, dst: Path, task: str, weight_format: str | None, req: Pu
     for sub in src.glob("*_Pooling"):
         if sub.is_dir() and not (dst / sub.name).exists():
             shutil.copytree(sub, dst / sub.name)
+    for carried in _kind(task).carries:
+        path = src / carried
+        if path.is_symlink() or (dst / carried).exists():
+            continue  # a link could point anywhere: not taken
+        if path.is_dir():
+            shutil.copytree(path, dst / carried, symlinks=True)
+        elif path.is_file():
+            shutil.copy2(path, dst / carried)
     return {"seconds": result.get("convert_seconds"),
             "peak_rss_bytes": result.get("peak_rss_bytes")}
 
