@@ -354,3 +354,16 @@ def test_platform_file_lock_serializes_threads_and_processes(tmp_path: Path) -> 
         child.wait(10)
     assert waited > 0.2
     assert (peak_rss_bytes() or 0) > 10 * 2**20
+
+
+def test_openvino_telemetry_is_off_in_the_plugins_processes(tmp_path: Path):
+    """Every process imports the package first; OpenVINO's converter then takes its no-op
+    telemetry, which neither counts uses in the home folder nor forks a sender."""
+    code = ("import ovms_plugin, openvino_genai, openvino_tokenizers\n"
+            "import openvino.tools.ovc.telemetry_utils as t\nprint(t.tm.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT.parent, env={"HOME": str(tmp_path),
+                                                            "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "openvino.tools.ovc.telemetry_stub"
+    assert not (tmp_path / "intel").exists()

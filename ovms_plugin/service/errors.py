@@ -156,7 +156,7 @@ def parse_json(raw: bytes | str, what: str = "the request body") -> Any:
 
 def _check_value(value: Any, depth: int, where: str) -> None:
     if isinstance(value, str):
-        if _SURROGATE.search(value):
+        if not value.isascii() and _SURROGATE.search(value):  # (ASCII: nothing to search)
             raise invalid(f"{where} holds a lone surrogate (a \\ud800-\\udfff escape that is "
                           "not half of a pair), which is not valid Unicode text; send UTF-8 "
                           "text or escape pairs")

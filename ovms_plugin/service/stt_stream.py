@@ -299,7 +299,9 @@ async def session(rt: Any, service: str, metadata: dict[str, str],
     """One live transcription. `transcribe(lm, samples, language)` runs a request on the
     leased model; `options_of(lm)` are its speech settings."""
     task = _Task(task_id=metadata.get("ws_conn_id") or metadata.get("task_id") or "task")
-    queue: asyncio.Queue[BidiMessage | None] = asyncio.Queue()
+    # Bounded: a client sending faster than the engine transcribes is slowed down by the
+    # transport's flow control instead of filling memory.
+    queue: asyncio.Queue[BidiMessage | None] = asyncio.Queue(maxsize=64)
 
     async def read() -> None:
         try:
@@ -377,7 +379,7 @@ async def _run(rt: Any, service: str, metadata: dict[str, str], task: _Task,
                     finishing = True
                     break
                 kind = m.message_type
-                if kind == "binary":
+                if kind in ("binary", "audio"):
                     closed += seg.feed(src.feed(m.data))
                     if seg.total > limit:
                         raise invalid(f"the stream is over {s.max_audio_seconds:.0f} seconds "
@@ -406,7 +408,9 @@ async def _run(rt: Any, service: str, metadata: dict[str, str], task: _Task,
                 elif kind == "close":
                     finishing = True
                     break
-                # pong: nothing to answer
+                elif kind != "pong":
+                    raise invalid(f"unknown message type {kind!r}: send 'binary' audio and "
+                                  "'text' actions", "message_type")
             if finishing:
                 closed += seg.feed(src.flush())
                 if (last := seg.flush()) is not None:
