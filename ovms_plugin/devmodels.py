@@ -44,6 +44,8 @@ TINY_SD = "tiny-sd"
 TINY_SD_HF = "tiny-sd-hf"
 TINY_SPEECHT5 = "tiny-speecht5"
 TINY_SPEECHT5_HF = "tiny-speecht5-hf"
+TINY_VLM = "tiny-vlm"
+TINY_VLM_HF = "tiny-vlm-hf"
 TINY_WHISPER = "tiny-whisper"
 TINY_WHISPER_HF = "tiny-whisper-hf"
 
@@ -806,6 +808,124 @@ def make_tiny_speecht5_ir(out: Path) -> None:
         _scrub_source_path(out, src, TINY_SPEECHT5_HF)
 
 
+# --- vision-language: LLaVA (image + text to text) ------------------------------------------
+
+# LLaVA, not Qwen2-VL: optimum-intel 2.2 refuses to export Qwen2-VL/Qwen2.5-VL with
+# transformers newer than 5.0 (their export configs cap MAX_TRANSFORMERS_VERSION), while its
+# LLaVA export has no cap, and GenAI runs LLaVA in VLMPipeline and ContinuousBatchingPipeline.
+# The language model is the tiny Qwen2 chat model (TINY_CHAT_CONFIG) with the ChatML tokenizer,
+# as in llava-hf/llava-interleave-qwen-*; the vision tower is a tiny CLIP ViT on 56x56 images
+# (patch 14: 16 image tokens per image, the CLS token dropped by the "default" strategy).
+IMAGE_TOKEN = "<image>"
+TINY_VLM_VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    "projection_dim": 32,
+    "initializer_range": 0.2,
+}
+
+# The llava-hf ChatML template (llava-interleave-qwen, llava-onevision): each message's images
+# as "<image>\n", all before its text. Unlike theirs, string content renders too (theirs
+# renders it as nothing), so GenAI, which applies the template to {"role": "user", "content":
+# prompt}, and OpenAI-style plain-text messages work.
+LLAVA_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_vlm_hf(out: Path) -> None:
+    """Tiny HF-format LLaVA (random weights): CLIP vision tower, Qwen2 language model, the
+    stdlib-trained ChatML tokenizer plus ``<image>``, a CLIP image processor (56x56) and the
+    processor (LlavaProcessor) with its chat template."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
+
+    tokenizer = _train_tokenizer(TINY_CHAT_CONFIG["max_position_embeddings"])
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)],
+                         special_tokens=True)
+    tokenizer.chat_template = LLAVA_CHATML_TEMPLATE
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    vision = CLIPVisionConfig(**TINY_VLM_VISION_CONFIG)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), eos_token_id=eos_id, pad_token_id=pad_id, **TINY_CHAT_CONFIG
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image_id,
+        image_seq_length=patches,
+        vision_feature_select_strategy="default",  # drop CLS: one token per patch
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+    )
+    torch.manual_seed(_SEED)  # same weights on every build
+    model = LlavaForConditionalGeneration(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    size = vision.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHATML_TEMPLATE,
+        num_additional_image_tokens=0,
+    ).save_pretrained(out)
+    tokenizer.save_pretrained(out)  # the template also in the tokenizer's files, as on the Hub
+    # transformers 5 puts it in processor_config.json; GenAI reads preprocessor_config.json.
+    image_processor.save_pretrained(out)
+    GenerationConfig(
+        eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, do_sample=False
+    ).save_pretrained(out)
+
+
+def make_tiny_vlm_ir(out: Path) -> None:
+    """The tiny LLaVA as IR for GenAI's VLMPipeline and ContinuousBatchingPipeline: language
+    model, text embeddings, vision embeddings, tokenizer and detokenizer IR, and the json
+    files (preprocessor_config.json included)."""
+    from ovms_plugin.store.convert import export_to_ir
+
+    with tempfile.TemporaryDirectory(prefix="tiny-vlm-hf-") as tmp:
+        src = Path(tmp) / "hf"
+        make_tiny_vlm_hf(src)
+        export_to_ir(src, out, task="image-text-to-text", weight_format="fp32")
+        # Without it GenAI preprocesses for CLIP's 336x336 and the vision model fails.
+        for name in ("preprocessor_config.json", "generation_config.json"):
+            shutil.copy2(src / name, out / name)
+        _scrub_source_path(out, src, TINY_VLM_HF)
+
+
 # --- the real model (SmolLM2-135M-Instruct) -----------------------------------------------
 
 
@@ -852,6 +972,8 @@ RECIPES: dict[str, Recipe] = {
     TINY_SD_HF: Recipe(make_tiny_sd_hf, 1),
     TINY_SPEECHT5: Recipe(make_tiny_speecht5_ir, 1),
     TINY_SPEECHT5_HF: Recipe(make_tiny_speecht5_hf, 1),
+    TINY_VLM: Recipe(make_tiny_vlm_ir, 1),
+    TINY_VLM_HF: Recipe(make_tiny_vlm_hf, 1),
     TINY_WHISPER: Recipe(make_tiny_whisper_ir, 1),
     TINY_WHISPER_HF: Recipe(make_tiny_whisper_hf, 1),
     f"{QWEN05B_SHAPE}-int8": Recipe(make_qwen05b_int8, 1),
