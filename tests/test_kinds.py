@@ -119,7 +119,7 @@ def runtime(store: ModelStore) -> Runtime:
 def test_registry_declares_each_service_and_task_once():
     services = kinds.services()
     assert services == ["chat", "generate", "embed", "rerank", "text-to-image",
-                        "speech-to-text", "speech-to-text-ws", "text-to-speech"]
+                        "image-to-image", "speech-to-text", "speech-to-text-ws", "text-to-speech"]
     for name in services:
         assert name in [s.name for s in kinds.for_service(name).services]
     assert kinds.for_task("text-generation").name == "llm"

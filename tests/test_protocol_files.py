@@ -61,11 +61,11 @@ def test_plugin_yaml_is_what_aog_accepts():
             assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True
         if s["service_name"] in ("chat", "generate"):
             assert s["timeout"] == -1 and s["capabilities"]["support_streaming"] is True
-        if s["service_name"] == "text-to-image":
+        if s["service_name"] in ("text-to-image", "image-to-image"):
             assert s["timeout"] == -1
     assert {s["service_name"] for s in m["services"]} == {
-        "chat", "generate", "embed", "rerank", "text-to-image", "speech-to-text",
-        "speech-to-text-ws", "text-to-speech"}
+        "chat", "generate", "embed", "rerank", "text-to-image", "image-to-image",
+        "speech-to-text", "speech-to-text-ws", "text-to-speech"}
 
 
 def test_plugin_yaml_services_are_the_registered_kinds():

@@ -1,5 +1,13 @@
-"""Text-to-image engine (runs inside a worker process): openvino_genai's
-Text2ImagePipeline, one image request at a time, the rest waiting in order.
+"""Image engine (runs inside a worker process): openvino_genai's Text2ImagePipeline for
+text-to-image, Image2ImagePipeline and InpaintingPipeline for image-to-image, one image
+request at a time, the rest waiting in order.
+
+The three pipelines share one set of compiled models: the InpaintingPipeline is loaded
+from the folder (it is the only one that can be built from the others' parts:
+Text2ImagePipeline(inpainting) and Image2ImagePipeline(inpainting) reuse its text encoder,
+UNet/transformer and VAE; what editing adds is the VAE encoder). A folder the inpainting
+pipeline cannot load (no VAE encoder) gets a Text2ImagePipeline alone, and image-to-image
+is refused for it.
 
 requests: kinds.image.ImageJob; outputs: an ImageProgress after each denoising step (finish
 None), then an ImageResult (PNG bytes) with finish "stop".
@@ -19,7 +27,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.png import encode_rgb
-from ovms_plugin.engine.protocol import StepOutput
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import ImageJob, ImageProgress, ImageResult
 
@@ -39,53 +47,105 @@ class ImageEngine(QueuedEngine):
             width, height = (int(x) for x in str(opts["static_size"]).lower().split("x"))
             self.static = {"width": width, "height": height, "n": int(opts.get("static_n", 1)),
                            "guidance_scale": float(opts.get("static_guidance_scale", 7.5))}
-            self.pipe = ov_genai.Text2ImagePipeline(str(model_dir))
-            self.pipe.reshape(self.static["n"], height, width, self.static["guidance_scale"])
-            self.pipe.compile(self.device, **config.get("properties", {}))
-        else:
-            self.pipe = ov_genai.Text2ImagePipeline(str(model_dir), self.device,
-                                                    **config.get("properties", {}))
+        props = config.get("properties", {})
+        self.i2i: Any = None
+        self.inpaint: Any = None
+        try:
+            self.inpaint = self._load(ov_genai.InpaintingPipeline, model_dir, props)
+            self.i2i = ov_genai.Image2ImagePipeline(self.inpaint)
+            self.pipe = ov_genai.Text2ImagePipeline(self.inpaint)
+        except RuntimeError as e:  # no VAE encoder, or a family without inpainting
+            log.warning("image editing is not available for %s: %s", model_dir,
+                        (str(e).strip().splitlines() or [""])[-1])
+            self.i2i = self.inpaint = None
+            self.pipe = self._load(ov_genai.Text2ImagePipeline, model_dir, props)
         self.load_seconds = time.monotonic() - started
         self.images_total = 0
         self.steps_total = 0
         log.info("loaded %s on %s in %.2fs", model_dir, self.device, self.load_seconds)
 
+    def _load(self, cls: Any, model_dir: Path, props: dict[str, Any]) -> Any:
+        # Static shapes (the NPU compiles only those): reshaped before compiling.
+        if self.static is None:
+            return cls(str(model_dir), self.device, **props)
+        pipe = cls(str(model_dir))
+        pipe.reshape(self.static["n"], self.static["height"], self.static["width"],
+                     self.static["guidance_scale"])
+        pipe.compile(self.device, **props)
+        return pipe
+
     def info(self) -> dict[str, Any]:
         gc = self.pipe.get_generation_config()
+        edit = None
+        if self.i2i is not None and self.inpaint is not None:
+            edit = {"strength": round(self.i2i.get_generation_config().strength, 4),
+                    "inpaint_strength": round(self.inpaint.get_generation_config().strength, 4)}
         return {"device": self.device, "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version(),
                 "defaults": {"width": gc.width, "height": gc.height,
                              "steps": gc.num_inference_steps,
                              "guidance_scale": gc.guidance_scale},
-                "static": self.static}
+                "static": self.static, "edit": edit}
 
     def step(self) -> list[StepOutput]:
         req_id, p = self.queue.popleft()
         assert isinstance(p, ImageJob)
         if self.take_interrupt(req_id):
             return []
-        steps = int(p.steps)
+        try:
+            images = self._generate(req_id, p)
+        except Exception as e:  # one request's failure must not take the engine down
+            log.exception("image generation failed")
+            self.take_interrupt(req_id)
+            # GenAI's checks name their source file first; the last line says what failed.
+            why = (str(e).strip().splitlines() or [""])[-1]
+            return [failed(req_id, FailureKind.INTERNAL,
+                           f"the image engine failed: {type(e).__name__}: {why}")]
+        if self.take_interrupt(req_id):
+            return []  # the caller is gone; the engine is free for the next one
+        pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
+        self.images_total += len(pngs)
+        return [StepOutput(req_id, ImageResult(pngs), "stop")]
+
+    def _generate(self, req_id: int, p: ImageJob) -> list[np.ndarray]:
+        done = 0  # steps of the images before (inpainting makes one image per call)
+        rounds = 1
 
         def on_step(step: int, num_steps: int, latent: Any) -> bool:
             self.steps_total += 1
-            self.emit([StepOutput(req_id, ImageProgress(step + 1, num_steps))])
+            self.emit([StepOutput(req_id, ImageProgress(done + step + 1, num_steps * rounds))])
             return self.is_interrupted(req_id)  # True stops the denoising loop
 
         kwargs: dict[str, Any] = {
-            "width": int(p.width), "height": int(p.height), "num_inference_steps": steps,
-            "num_images_per_prompt": int(p.n),
+            "width": int(p.width), "height": int(p.height),
+            "num_inference_steps": int(p.steps), "num_images_per_prompt": int(p.n),
             "generator": ov_genai.TorchGenerator(int(p.seed)), "callback": on_step}
         if p.guidance_scale is not None:
             kwargs["guidance_scale"] = float(p.guidance_scale)
         if p.negative_prompt:
             kwargs["negative_prompt"] = p.negative_prompt
-        tensor = self.pipe.generate(p.prompt, **kwargs)
-        if self.take_interrupt(req_id):
-            return []  # the caller is gone; the engine is free for the next one
-        images = np.asarray(tensor.data)
-        pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
-        self.images_total += len(pngs)
-        return [StepOutput(req_id, ImageResult(pngs), "stop")]
+        if p.image is None:
+            return list(np.asarray(self.pipe.generate(p.prompt, **kwargs).data))
+        if self.i2i is None or self.inpaint is None:
+            raise ValueError("this model's pipeline cannot edit images")
+        if p.strength is not None:
+            kwargs["strength"] = float(p.strength)
+        image = ov.Tensor(np.ascontiguousarray(p.image, dtype=np.uint8)[None])
+        if p.mask is None:
+            return list(np.asarray(self.i2i.generate(p.prompt, image, **kwargs).data))
+        mask = ov.Tensor(np.ascontiguousarray(p.mask, dtype=np.uint8)[None])
+        # GenAI 2026.4's inpainting of a non-inpainting UNet makes one image per call (its
+        # image latents are not repeated per image): n calls, one generator throughout.
+        rounds, kwargs["num_images_per_prompt"] = int(p.n), 1
+        images: list[np.ndarray] = []
+        for _ in range(rounds):
+            before = self.steps_total
+            images.extend(np.asarray(self.inpaint.generate(p.prompt, image, mask,
+                                                           **kwargs).data))
+            done += self.steps_total - before
+            if self.is_interrupted(req_id):
+                break
+        return images
 
     def metrics(self) -> dict[str, Any]:
         return {"queued_requests": len(self.queue), "images_total": self.images_total,

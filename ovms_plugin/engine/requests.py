@@ -77,7 +77,9 @@ class RerankJob:
 # kinds/image.py
 @dataclass(slots=True)
 class ImageJob:
-    """One text-to-image request, resolved against the model (service/image.py)."""
+    """One text-to-image or image-to-image request, resolved against the model
+    (service/image.py). With `image` it edits that image (Image2ImagePipeline), and with
+    `mask` too it repaints the mask's white part (InpaintingPipeline)."""
 
     prompt: str
     width: int
@@ -87,6 +89,9 @@ class ImageJob:
     seed: int = 42
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    image: Any = None  # np.ndarray uint8 [height, width, 3] RGB, already at width x height
+    mask: Any = None  # np.ndarray uint8 [height, width, 3], white: repaint
+    strength: float | None = None  # None: the pipeline's default
 
 
 # kinds/image.py

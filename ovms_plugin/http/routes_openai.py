@@ -8,6 +8,9 @@ OpenAI-shaped objects as JSON or as server-sent events ending with `data: [DONE]
 - POST /v1/embeddings: float or base64 (little-endian float32), `dimensions`.
 - POST /v1/images/generations: `{"data": [{"b64_json"}]}` (PNG); `size` WxH, plus
   `num_inference_steps`, `seed`, `negative_prompt`, `guidance_scale`.
+- POST /v1/images/edits (multipart/form-data: `image` (or one `image[]`), `mask` (white:
+  repaint), `prompt`, `model`, `n`, `size`, `response_format` b64_json, plus `strength`,
+  `num_inference_steps`, `seed`, `negative_prompt`, `guidance_scale`): the same shape.
 - POST /v1/rerank: Cohere/Jina shape, `{"id", "model", "results": [{"index",
   "relevance_score", "document": {"text"}}], "usage"}`, best first.
 - POST /v1/audio/transcriptions, /v1/audio/translations (multipart/form-data: `file`,
@@ -99,15 +102,19 @@ _FORM_LISTS = {"timestamp_granularities[]": "timestamp_granularities",
                "timestamp_granularities": "timestamp_granularities"}
 
 
-async def read_form(request: web.Request) -> dict[str, Any]:
-    """A multipart/form-data body as a dict: `file` as bytes, other fields as text (a few
-    converted to what the JSON bodies carry), within the server's body limit."""
+async def read_form(request: web.Request, binary: tuple[str, ...] = ("file",),
+                    lists: dict[str, str] = _FORM_LISTS,
+                    what: tuple[str, str] = ("the audio file", "file")) -> dict[str, Any]:
+    """A multipart/form-data body as a dict: the `binary` fields (`file`) as bytes, other
+    fields as text (a few converted to what the JSON bodies carry), repeated `lists`
+    fields gathered in lists under their names there, within the server's body limit.
+    `what`: what a non-multipart body should have sent, and in which field."""
     limit = request.app[STATE].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     if not request.content_type.startswith("multipart/"):
-        raise invalid("send multipart/form-data with the audio file in the 'file' field (as "
-                      "the OpenAI clients do)", "file")
+        raise invalid(f"send multipart/form-data with {what[0]} in the '{what[1]}' field (as "
+                      "the OpenAI clients do)", what[1])
     body: dict[str, Any] = {}
     total = 0
     reader = await request.multipart()
@@ -122,17 +129,18 @@ async def read_form(request: web.Request) -> dict[str, Any]:
                 raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
             chunks.append(data)
         raw = b"".join(chunks)
-        if name == "file":
-            body["file"] = raw
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise invalid(f"form field '{name}' is not UTF-8 text", name) from None
-        if name in _FORM_LISTS:
-            body.setdefault(_FORM_LISTS[name], []).append(text)
+        value: str | bytes
+        if name in binary:
+            value = raw
         else:
-            body[name] = text
+            try:
+                value = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid(f"form field '{name}' is not UTF-8 text", name) from None
+        if name in lists:
+            body.setdefault(lists[name], []).append(value)
+        else:
+            body[name] = value
     if isinstance(body.get("model"), str):
         request[MODEL] = body["model"]
     if "temperature" in body:
@@ -146,6 +154,50 @@ async def read_form(request: web.Request) -> dict[str, Any]:
             raise invalid("'stream' must be true or false", "stream")
         body["stream"] = body["stream"] == "true"
     return body
+
+
+# /v1/images/edits: the form's files, and its fields that are numbers in the JSON body.
+_EDIT_FILES = ("image", "image[]", "mask")
+_EDIT_LISTS = {"image": "image", "image[]": "image"}
+_EDIT_INTS = ("n", "num_inference_steps", "seed", "rng_seed")
+_EDIT_FLOATS = ("strength", "guidance_scale")
+
+
+def _edit_body(form: dict[str, Any]) -> dict[str, Any]:
+    """The image-to-image service's body from the edits form: one image, numbers from
+    their text."""
+    body = dict(form)
+    images = body.pop("image", [])
+    if len(images) > 1:
+        raise invalid(f"{len(images)} images were sent; this server edits one image per "
+                      "request: send a single 'image'", "image")
+    if not images or not images[0]:
+        raise invalid("'image' is required: the image file to edit (PNG, JPEG, WebP, BMP or "
+                      "GIF)", "image")
+    body["image"] = images[0]
+    if isinstance(body.get("mask"), bytes) and not body["mask"]:
+        del body["mask"]
+    for key, kind, word in [*((k, int, "an integer") for k in _EDIT_INTS),
+                            *((k, float, "a number") for k in _EDIT_FLOATS)]:
+        if isinstance(body.get(key), str):
+            try:
+                body[key] = kind(body[key].strip())
+            except ValueError:
+                raise invalid(f"'{key}' must be {word}, got {body[key]!r}", key) from None
+    return body
+
+
+async def images_edits(request: web.Request) -> web.Response:
+    """OpenAI's image edits: multipart `image` (or `image[]`, one), `mask` (white:
+    repaint), `prompt`, `n`, `size`, `response_format` b64_json, plus this server's
+    `strength`, `num_inference_steps`, `seed`, `negative_prompt`, `guidance_scale`."""
+    form = await read_form(request, binary=_EDIT_FILES, lists=_EDIT_LISTS,
+                           what=("the image file", "image"))
+    if form.get("stream"):
+        raise invalid("streamed image editing is not offered on this route; call it without "
+                      "\"stream\" (AOG clients: /aog/v0.2/services/image-to-image)", "stream")
+    form.pop("stream", None)
+    return await _unary(request, "image-to-image", _edit_body(form))
 
 
 _TEXT_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
@@ -249,6 +301,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/images/generations", images_generations)
+    app.router.add_post("/v1/images/edits", images_edits)
     app.router.add_post("/v1/rerank", rerank)
     app.router.add_post("/v1/audio/transcriptions", audio_transcriptions)
     app.router.add_post("/v1/audio/translations", audio_translations)

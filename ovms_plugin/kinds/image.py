@@ -1,8 +1,10 @@
-"""Text-to-image: Text2ImagePipeline, one request at a time, progress per denoising step
-(engine/image.py)."""
+"""Text-to-image and image-to-image (editing, inpainting with a mask): Text2ImagePipeline,
+Image2ImagePipeline and InpaintingPipeline sharing one model, one request at a time,
+progress per denoising step (engine/image.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -38,6 +40,10 @@ class ImageOptions:
     static_n: int = option(1, "with static_size: images per request", minimum=1)
     static_guidance_scale: float = option(7.5, "with static_size: the guidance scale",
                                           minimum=0)
+    max_input_pixels: int = option(image_mod.MAX_INPUT_PIXELS, "image-to-image: the most "
+                                   "pixels an image (or mask) sent may have", minimum=1)
+    max_input_bytes: int = option(image_mod.MAX_INPUT_BYTES, "image-to-image: the largest "
+                                  "image (or mask) file accepted, in bytes", minimum=1)
 
     def __post_init__(self) -> None:
         if self.static_size is not None and \
@@ -49,23 +55,61 @@ class ImageOptions:
                              f"{self.max_size}")
 
 
+async def _outputs(rt: Runtime, lm: Any, job: ImageJob) -> AsyncIterator[tuple[str, Any]]:
+    async with aclosing(rt.submit(lm, job)) as outputs:
+        async for out in outputs:
+            if out.finish is None:
+                yield "progress", out.result
+            else:
+                yield "images", out.result.images
+                return
+
+
 async def run(rt: Runtime, req: image_mod.ImageRequest) -> AsyncIterator[tuple[str, Any]]:
     """Yields ("progress", ImageProgress) per denoising step, then ("images", [png])."""
     async with rt.lease(req.model, "text-to-image") as lm:
         limits = image_mod.ImageLimits.of(lm.entry.path, lm.settings.options["image"])
         job = ImageJob(**image_mod.resolve(req, limits, lm.client.info.get("defaults", {}),
                                            lm.client.info.get("static")))
-        async with aclosing(rt.submit(lm, job)) as outputs:
-            async for out in outputs:
-                if out.finish is None:
-                    yield "progress", out.result
-                else:
-                    yield "images", out.result.images
-                    return
+        async with aclosing(_outputs(rt, lm, job)) as events:
+            async for event in events:
+                yield event
+
+
+async def run_edit(rt: Runtime, req: image_mod.EditRequest) -> AsyncIterator[tuple[str, Any]]:
+    """image-to-image: the image (and mask) decoded off the event loop, checked against
+    the model, then the same events as run()."""
+    async with rt.lease(req.base.model, "image-to-image") as lm:
+        info = lm.client.info
+        if not info.get("edit"):
+            raise errors.invalid(f"model {req.base.model!r} cannot edit images: its pipeline "
+                                 "has no VAE encoder (or no image-to-image support); use a "
+                                 "diffusion model exported with its vae_encoder", "model")
+        options = lm.settings.options["image"]
+        limits = image_mod.ImageLimits.of(lm.entry.path, options)
+        image, mask = await asyncio.to_thread(
+            image_mod.decode_edit, req,
+            int(options.get("max_input_bytes") or image_mod.MAX_INPUT_BYTES),
+            int(options.get("max_input_pixels") or image_mod.MAX_INPUT_PIXELS))
+        payload = image_mod.resolve_edit(req, image.size, limits, info.get("defaults", {}),
+                                         info["edit"], info.get("static"))
+        pixels, mask_pixels = await asyncio.to_thread(
+            image_mod.edit_arrays, image, mask, payload["width"], payload["height"])
+        del image, mask
+        job = ImageJob(**payload, image=pixels, mask=mask_pixels)
+        async with aclosing(_outputs(rt, lm, job)) as events:
+            async for event in events:
+                yield event
+
+
+def _events(rt: Runtime, service: str, body: Any) -> AsyncIterator[tuple[str, Any]]:
+    if service == "image-to-image":
+        return run_edit(rt, image_mod.parse_edit(body))
+    return run(rt, image_mod.parse(body))
 
 
 async def unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
-    async with aclosing(run(rt, image_mod.parse(body))) as events:
+    async with aclosing(_events(rt, service, body)) as events:
         async for kind, data in events:
             if kind == "images":
                 return image_mod.response(data)
@@ -73,7 +117,7 @@ async def unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
 
 
 async def stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
-    async with aclosing(run(rt, image_mod.parse(body))) as events:
+    async with aclosing(_events(rt, service, body)) as events:
         async for kind, data in events:
             if kind == "progress":
                 yield StreamChunk(image_mod.progress_event(data.step, data.steps))
@@ -98,7 +142,12 @@ class ImageKind(Kind):
                         timeout=-1, default_model="stable-diffusion-v1.5",
                         # AOG reads one JSON body for images; the progress stream is for
                         # direct callers.
-                        aog_streaming=False),)
+                        aog_streaming=False),
+                # The same models edit images (with a mask: inpainting); task_type
+                # text-to-image so that AOG offers the models pulled for text-to-image.
+                Service("image-to-image", unary, stream, task_type="text-to-image",
+                        timeout=-1, default_model="stable-diffusion-v1.5",
+                        aog_streaming=False))
     required_files = ("model_index.json",)
     options_section = "image"
     options_type = ImageOptions

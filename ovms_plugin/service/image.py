@@ -1,17 +1,26 @@
-"""text-to-image: request parsing and validation against the model's own limits, and the
-OpenAI images response shape."""
+"""text-to-image and image-to-image: request parsing and validation against the model's own
+limits, decoding the images sent (hostile input: formats, sizes and decompression bombs
+checked before decoding), and the OpenAI images response shape."""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import io
+import math
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ovms_plugin.service.errors import int_field, invalid, require_model
 from ovms_plugin.store.store import read_json
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
 
 MAX_STEPS = 150
 MAX_IMAGES = 4
@@ -133,3 +142,203 @@ def response(pngs: list[bytes]) -> dict[str, Any]:
 
 def progress_event(step: int, steps: int) -> dict[str, Any]:
     return {"object": "image.generation.progress", "step": step, "total_steps": steps}
+
+
+# --- image-to-image -------------------------------------------------------------------------
+
+# Decoders offered to images from outside: the common web formats only.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+MAX_INPUT_PIXELS = 4096 * 4096  # the image section's max_input_pixels default
+MAX_INPUT_BYTES = 20 * 2**20  # and max_input_bytes
+_OTHER_FORMATS = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"),
+                  (b"8BPS", "PSD"), (b"%PDF", "PDF"), (b"\xff\x0a", "JPEG XL"),
+                  (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"qoif", "QOI"))
+_DATA_URL = re.compile(r"^data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+
+
+@dataclass
+class EditRequest:
+    """An image-to-image request: the text-to-image fields, the image (and mask) as sent
+    (base64 text, a data: URL, or bytes from a form), and the strength."""
+
+    base: ImageRequest
+    image: str | bytes
+    mask: str | bytes | None = None
+    strength: float | None = None
+
+
+def parse_edit(body: Any) -> EditRequest:
+    base = parse(body)
+    req = EditRequest(base=base, image=_image_field(body, "image", required=True))
+    req.mask = _image_field(body, "mask", required=False)
+    strength = body.get("strength")
+    if strength is not None:
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or \
+                not 0 < strength <= 1:
+            raise invalid(f"'strength' must be a number above 0 and at most 1 (how much of "
+                          f"the image is repainted; 1: all of it), got {strength!r}", "strength")
+        req.strength = float(strength)
+    return req
+
+
+def _image_field(body: dict[str, Any], name: str, required: bool) -> str | bytes | None:
+    value = body.get(name)
+    if value is None or value == "":
+        if required:
+            raise invalid(f"'{name}' is required: the image to edit, base64-encoded or as a "
+                          "data: URL (PNG, JPEG, WebP, BMP or GIF)", name)
+        return None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string: the image base64-encoded or as a data: URL",
+                      name)
+    if re.match(r"^\s*(https?|file|ftp)://", value, re.IGNORECASE):
+        raise invalid(f"'{name}' must carry the image itself, base64-encoded or as a data: "
+                      "URL; this server fetches no URLs", name)
+    return value
+
+
+def _image_bytes(data: str | bytes, name: str, max_bytes: int) -> bytes:
+    if isinstance(data, bytes):
+        raw = data
+    else:
+        text = data.strip()
+        m = _DATA_URL.match(text)
+        if m:
+            if "base64" not in m.group(2).lower():
+                raise invalid(f"'{name}' is a data: URL without ';base64'; send the image "
+                              "base64-encoded (data:image/png;base64,...)", name)
+            text = text[m.end():]
+        if len(text) // 4 * 3 > max_bytes + 3:  # before decoding anything
+            raise invalid(f"'{name}' is too large: about {len(text) // 4 * 3} bytes, at most "
+                          f"{max_bytes} are accepted", name)
+        try:
+            raw = base64.b64decode(text)
+        except (binascii.Error, ValueError):
+            raise invalid(f"'{name}' is not valid base64; send the image base64-encoded or as "
+                          "a data: URL (data:image/png;base64,...)", name) from None
+    if len(raw) > max_bytes:
+        raise invalid(f"'{name}' is too large: {len(raw)} bytes, at most {max_bytes} are "
+                      "accepted", name)
+    if not raw:
+        raise invalid(f"'{name}' is empty; send a PNG, JPEG, WebP, BMP or GIF image", name)
+    return raw
+
+
+def decode_image(data: str | bytes, name: str, max_bytes: int = MAX_INPUT_BYTES,
+                 max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """An image sent by a client, opened and checked (format, pixel count) before its
+    pixels are decoded, then decoded, upright (EXIF orientation). Blocking: call it off
+    the event loop. Every failure is a client error naming the field."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    raw = _image_bytes(data, name, max_bytes)
+    too_large = (f"'{name}' has too many pixels: at most {max_pixels} (for example "
+                 f"{math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}) are accepted; send a "
+                 "smaller image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # reads the header only
+        except UnidentifiedImageError:
+            other = next((f for magic, f in _OTHER_FORMATS if raw.startswith(magic)), None)
+            if other is None and raw[4:12] in (b"ftypheic", b"ftypheix", b"ftypavif",
+                                               b"ftypmif1", b"ftypmsf1"):
+                other = "HEIF/AVIF"
+            if other is None and raw.lstrip()[:5].lower() in (b"<svg ", b"<?xml"):
+                other = "SVG"
+            if other:
+                raise invalid(f"'{name}' is a {other} image, a format not accepted; send PNG, "
+                              "JPEG, WebP, BMP or GIF", name) from None
+            raise invalid(f"'{name}' is not an image (or not one this server reads); send "
+                          "PNG, JPEG, WebP, BMP or GIF", name) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise invalid(too_large, name) from None
+        except Exception:  # a header the decoder chokes on
+            raise invalid(f"'{name}' is not a readable image: its header is corrupt", name) \
+                from None
+        width, height = img.size
+        if width < 1 or height < 1 or width * height > max_pixels:
+            raise invalid(f"{too_large} (it is {width}x{height})", name)
+        try:
+            img.load()  # the first frame of an animation
+            img = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise invalid(too_large, name) from None
+        except Exception:  # truncated, corrupt
+            raise invalid(f"'{name}' could not be decoded: the {img.format} data is truncated "
+                          "or corrupt", name) from None
+    return img
+
+
+def decode_edit(req: EditRequest, max_bytes: int, max_pixels: int
+                ) -> tuple[Image.Image, Image.Image | None]:
+    """The request's image and mask, decoded (blocking: call it off the event loop)."""
+    image = decode_image(req.image, "image", max_bytes, max_pixels)
+    mask = None
+    if req.mask is not None:
+        mask = decode_image(req.mask, "mask", max_bytes, max_pixels)
+        if mask.size != image.size:
+            raise invalid(f"'mask' is {mask.size[0]}x{mask.size[1]} but 'image' is "
+                          f"{image.size[0]}x{image.size[1]}; the mask must be the image's size "
+                          "(white: repaint, black: keep)", "mask")
+    return image, mask
+
+
+def fit_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int]:
+    """An input image's size made one the model takes: scaled (aspect kept) into the
+    model's side limits, each side rounded down to the VAE multiple."""
+    m = limits.multiple
+    lo = -(-limits.min_side // m) * m
+    hi = max(lo, limits.max_side // m * m)
+    scale = min(1.0, hi / max(width, height))
+    scale = max(scale, lo / min(width, height))
+    return tuple(min(hi, max(lo, int(side * scale) // m * m))  # type: ignore[return-value]
+                 for side in (width, height))
+
+
+def resolve_edit(req: EditRequest, size: tuple[int, int], limits: ImageLimits,
+                 defaults: dict[str, Any], edit: dict[str, Any],
+                 static: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine payload (without the pixels) of an image-to-image request: the output
+    size defaults to the input image's, fitted to the model; the rest as text-to-image."""
+    base = req.base
+    if base.width is None and not static:
+        base.width, base.height = fit_size(*size, limits)
+    payload = resolve(base, limits, defaults, static)
+    strength = req.strength if req.strength is not None else \
+        float(edit["inpaint_strength" if req.mask is not None else "strength"])
+    # The pipeline runs int(steps x strength) steps (in float32, as it computes them).
+    import numpy as np
+    if int(np.float32(strength) * np.float32(payload["steps"])) < 1:
+        need = math.ceil(1 / strength)
+        raise invalid(f"'strength' {strength} of {payload['steps']} denoising steps leaves "
+                      f"none to run; ask for at least {need} 'num_inference_steps' or a "
+                      "higher 'strength'", "strength")
+    payload["strength"] = strength
+    return payload
+
+
+def edit_arrays(image: Image.Image, mask: Image.Image | None, width: int, height: int
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pixels the pipelines take, at the output size: the image as RGB uint8
+    [height, width, 3] (transparency over white), the mask as the same shape, grey
+    levels repeated over the three channels (blocking: call it off the event loop)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    if mask is None:
+        return pixels, None
+    grey = mask.convert("L")
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    m = np.asarray(grey, dtype=np.uint8)
+    return pixels, np.ascontiguousarray(np.repeat(m[:, :, None], 3, axis=2))
