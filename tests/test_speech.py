@@ -66,7 +66,7 @@ def speech_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (home / "settings.yaml").write_text(yaml.safe_dump({"models": {
         # Random weights never say "stop": speech as long as the text, exactly.
         TTS: {"tts": {"minlenratio": 1.0, "maxlenratio": 1.001}},
-        STT: {"speech": {"partial_seconds": 1.0}}}}))
+        STT: {"speech": {"partial_seconds": 1.0, "stream_idle_seconds": 3}}}}))
     return home
 
 
@@ -177,22 +177,35 @@ def paced(signal: np.ndarray, chunk_s: float = 0.25, pause: float = 0.02
         yield "binary", audio.pcm16(signal[i:i + step])
 
 
-def events(responses) -> list[dict]:
-    out = []
+def events(responses) -> Iterator[dict]:
     for r in responses:
         assert r.code == 0, r.message
         assert r.message_type == "text"
-        out.append(json.loads(r.data))
-    return out
+        yield json.loads(r.data)
 
 
 def test_stream_gives_partial_and_final_sentences(shost: AogHost):
     signal = np.concatenate([np.zeros(RATE, np.float32), speechlike(3.5),
                              np.zeros(RATE, np.float32), speechlike(1.2, seed=3),
                              np.zeros(RATE // 2, np.float32)])
-    msgs = [run_task(), *paced(signal), FINISH]
-    got = events(shost.invoke_bidi("speech-to-text-ws", iter(msgs),
-                                   {"ws_conn_id": "conn-1", "model": STT}))
+    import threading
+    partial = threading.Event()
+    cut = int(2.5 * RATE)  # 1.5 s into the first sentence
+
+    def send() -> Iterator[tuple[str, bytes]]:
+        yield run_task()
+        yield from paced(signal[:cut])
+        partial.wait(60)  # the sentence is still open: a partial result comes first
+        yield from paced(signal[cut:])
+        yield FINISH
+
+    got = []
+    for e in events(shost.invoke_bidi("speech-to-text-ws", send(),
+                                      {"ws_conn_id": "conn-1", "model": STT})):
+        got.append(e)
+        if not e["payload"].get("output", {}).get("sentence", {}).get("sentence_end", True):
+            partial.set()
+    partial.set()
     names = [e["header"]["event"] for e in got]
     assert names[0] == "task-started" and names[-1] == "task-finished"
     assert all(e["header"]["task_id"] == "conn-1" for e in got)
@@ -212,7 +225,8 @@ def test_stream_gives_partial_and_final_sentences(shost: AogHost):
 def test_stream_without_vad_uses_fixed_windows_and_flushes_at_the_end(shost: AogHost):
     msgs = [run_task(use_vad=False), ("binary", audio.pcm16(speechlike(5.5)))]
     # No finish-task: the end of the input flushes the rest.
-    got = events(shost.invoke_bidi("speech-to-text-ws", iter(msgs), {"ws_conn_id": "c2"}))
+    got = list(events(shost.invoke_bidi("speech-to-text-ws", iter(msgs),
+                                        {"ws_conn_id": "c2"})))
     finals = [e["payload"]["output"]["sentence"] for e in got
               if e["header"]["event"] == "result-generated"
               and e["payload"]["output"]["sentence"]["sentence_end"]]
@@ -230,8 +244,8 @@ def test_stream_without_vad_uses_fixed_windows_and_flushes_at_the_end(shost: Aog
     ([run_task(), ("text", b"not json")], {}, "JSON actions"),
 ])
 def test_stream_errors_end_with_task_failed(shost: AogHost, msgs, meta, needle):
-    got = events(shost.invoke_bidi("speech-to-text-ws", iter(msgs),
-                                   {"ws_conn_id": "bad", **meta}))
+    got = list(events(shost.invoke_bidi("speech-to-text-ws", iter(msgs),
+                                        {"ws_conn_id": "bad", **meta})))
     last = got[-1]["header"]
     assert last["event"] == "task-failed" and needle in last["error_message"], last
     assert last["error_code"] == "CLIENT_ERROR"
@@ -258,6 +272,28 @@ def test_a_cancelled_stream_frees_the_model_and_others_go_on(shost: AogHost):
     out = invoke(shost, "speech-to-text", {"model": STT, "audio": base64.b64encode(
         wav(speechlike(1.0))).decode()})
     assert isinstance(out["text"], str)
+
+
+def test_a_silent_client_is_let_go_and_does_not_hold_up_others(shost: AogHost):
+    import threading
+    served = threading.Event()
+
+    def stalls() -> Iterator[tuple[str, bytes]]:
+        yield run_task()
+        yield "binary", audio.pcm16(speechlike(0.5))
+        served.wait(60)  # the stream stays open while a whole file is transcribed
+        time.sleep(4)  # then nothing for longer than stream_idle_seconds (3)
+        yield FINISH
+
+    call = shost.invoke_bidi("speech-to-text-ws", stalls(), {"ws_conn_id": "quiet"})
+    first = next(call)
+    assert json.loads(first.data)["header"]["event"] == "task-started"
+    out = invoke(shost, "speech-to-text", {"model": STT, "audio": base64.b64encode(
+        wav(speechlike(1.0))).decode()})
+    served.set()
+    assert isinstance(out["text"], str)
+    last = json.loads(list(call)[-1].data)["header"]
+    assert last["event"] == "task-failed" and "no audio for 3 seconds" in last["error_message"]
 
 
 # --- text-to-speech -------------------------------------------------------------------
