@@ -158,6 +158,8 @@ REFUSED = [
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"top_logprobs": 3}, "top_logprobs"),
     ("chat", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]},
+     "text-only model"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "images": "aGk="}]},
      "messages[0].images"),
     ("chat", {"messages": [{"role": "assistant", "content": "",
                             "tool_calls": [{"function": "f"}]}]}, "messages[0].tool_calls"),
@@ -167,7 +169,8 @@ REFUSED = [
     ("chat", {"keep_alive": "soon"}, "keep_alive"),
     ("chat", {"stream": "yes"}, "stream"),
     ("chat", {"unknown_field": 1}, "unknown_field"),
-    ("generate", {"images": ["aGk="]}, "images"),
+    ("generate", {"images": ["aGk="]}, "text-only model"),
+    ("generate", {"images": ["aGk="], "raw": True}, "images"),
     ("generate", {"suffix": "end"}, "suffix"),
     ("generate", {"template": "{{ .Prompt }}"}, "template"),
     ("generate", {"context": [1, 2, 3]}, "context"),
@@ -213,7 +216,7 @@ def test_refused_through_the_client(client: ollama.Client):
     assert "not supported" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:  # streamed: refused before the stream
         next(iter(client.generate(model=CHAT, prompt="hi", images=[b"\x89PNG"], stream=True)))
-    assert e.value.status_code == 400 and "'images'" in e.value.error
+    assert e.value.status_code == 400 and "text-only model" in e.value.error
     # What a refused request names, it did not load.
     assert f"{CHAT}:latest" not in loaded(client)
 

@@ -20,7 +20,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
-from ovms_plugin.engine.requests import LLMRequest, LLMSeq
+from ovms_plugin.engine.requests import VISION_MODEL, LLMRequest, LLMSeq
 from ovms_plugin.engine.stats import Histogram
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ class LLMEngine:
         self.pipe = ov_genai.ContinuousBatchingPipeline(
             str(model_dir), sc, self.device, properties)
         self.load_seconds = time.monotonic() - started
+        # A vision-language model's folder: the same pipeline takes images with a prompt.
+        self.vision = (model_dir / VISION_MODEL).is_file()
         self.defaults = default_kwargs(self.pipe.get_config())
         self.running: dict[int, _Running] = {}
         # Stopped handles stay referenced until the next step: a collected handle is
@@ -133,20 +135,31 @@ class LLMEngine:
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "scheduler": self.scheduler, "prompt_lookup": self.lookup,
-                "load_seconds": round(self.load_seconds, 3),
+                "vision": self.vision, "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
     def add(self, req_id: int, payload: LLMRequest) -> None:
-        ids = ov.Tensor(np.asarray([payload.ids], dtype=np.int64))
         gc = apply_request_config(ov_genai.GenerationConfig(**self.defaults), payload)
         if self.lookup:
             gc.num_assistant_tokens = int(payload.num_assistant_tokens
                                           or self.lookup["num_assistant_tokens"])
             gc.max_ngram_size = int(payload.max_ngram_size or self.lookup["max_ngram_size"])
-        handle = self.pipe.add_request(req_id, ids, gc)
+        if self.vision and payload.images is None:
+            raise ValueError("a vision model's requests carry their prompt as text")
+        if payload.images is not None:
+            if not self.vision:
+                raise ValueError("this model takes no images")
+            gc.apply_chat_template = False  # the front end rendered the template
+            images = [ov.Tensor(np.ascontiguousarray(a, dtype=np.uint8))
+                      for a in payload.images]
+            handle = self.pipe.add_request(req_id, payload.prompt or "", images, gc)
+            self.tokens_in_total += payload.prompt_tokens
+        else:
+            ids = ov.Tensor(np.asarray([payload.ids], dtype=np.int64))
+            handle = self.pipe.add_request(req_id, ids, gc)
+            self.tokens_in_total += len(payload.ids)
         self.running[req_id] = _Running(handle, int(payload.max_new_tokens), payload.plain)
         self.requests_total += 1
-        self.tokens_in_total += len(payload.ids)
 
     def abort(self, req_id: int) -> None:
         run = self.running.pop(req_id, None)

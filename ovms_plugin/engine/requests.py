@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# A vision-language model's folder holds its vision encoder beside the language model.
+VISION_MODEL = "openvino_vision_embeddings_model.xml"
+
 
 # kinds/llm.py
 @dataclass(slots=True)
@@ -33,6 +36,12 @@ class LLMRequest:
     # Prompt lookup, on engines set up for it (None: the model's settings).
     num_assistant_tokens: int | None = None
     max_ngram_size: int | None = None
+    # Vision: the rendered prompt as text, its images (uint8 [H, W, 3] arrays) in the order
+    # of their <ov_genai_image_N> tags, and the prompt's estimated token count (`ids` is
+    # then empty: the engine's own processor tokenizes the text and embeds the images).
+    prompt: str | None = None
+    images: list[Any] | None = None
+    prompt_tokens: int = 0
 
     @property
     def plain(self) -> bool:

@@ -119,7 +119,6 @@ def _zero(v: Any) -> bool:
 _IMAGE_GENERATION = (_none, "image generation through /api/generate",
                      "use /v1/images/generations")
 NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "images": (_empty, "image input", "this server has no vision models yet; send text"),
     "suffix": (_empty, "fill-in-the-middle", "leave it out"),
     "template": (_empty, "a prompt template of the request's own",
                  "the model's chat template is used, or send \"raw\": true with a prompt "
@@ -135,9 +134,7 @@ NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "insecure": (_off, "insecure registries", "pulls use the Hugging Face Hub client, whose "
                  "endpoint (HF_ENDPOINT) sets the transport; leave it out"),
 }
-MESSAGE_NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "images": NOT_YET["images"],
-}
+MESSAGE_NOT_YET: dict[str, tuple[Callable[[Any], bool], str, str]] = {}
 
 
 def not_yet(name: str, what: str, hint: str) -> ServiceError:
@@ -581,16 +578,18 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise invalid(f"messages[{i}] must be an object with 'role' and 'content'",
                           "messages")
         for key, item in m.items():
-            if key in ("role", "content", "tool_calls", "tool_name", "thinking"):
+            if key in ("role", "content", "tool_calls", "tool_name", "thinking", "images"):
                 continue
             if key not in MESSAGE_NOT_YET:
                 raise invalid(f"messages[{i}] has an unknown field '{key}'; a message has "
-                              "role, content, tool_calls, tool_name, thinking, "
-                              f"{', '.join(MESSAGE_NOT_YET)}", "messages")
+                              "role, content, tool_calls, tool_name, thinking, images",
+                              "messages")
             absent, what, hint = MESSAGE_NOT_YET[key]
             if not absent(item):
                 raise not_yet(f"messages[{i}].{key}", what, hint)
-        msg: dict[str, Any] = {"role": m.get("role"), "content": m.get("content")}
+        msg: dict[str, Any] = {"role": m.get("role"),
+                               "content": _with_images(m.get("content"), m.get("images"),
+                                                       f"messages[{i}].images")}
         if m.get("tool_calls"):
             msg["tool_calls"] = _ollama_calls(m["tool_calls"], i)
             msg["content"] = msg["content"] or ""
@@ -600,6 +599,22 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             msg["reasoning_content"] = m["thinking"]
         out.append(msg)
     return out
+
+
+def _with_images(content: Any, images: Any, where: str) -> Any:
+    """A message's content with Ollama's `images` (base64, no data: prefix) before its
+    text, as OpenAI image parts."""
+    if images in (None, []):
+        return content
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        raise invalid(f"'{where}' must be a list of base64-encoded images", "images")
+    if content is not None and not isinstance(content, str):
+        raise invalid(f"the content beside '{where}' must be a string", "messages")
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": x if x.startswith("data:")
+                                             else f"data:image/*;base64,{x}"}}
+        for x in images]
+    return [*parts, {"type": "text", "text": content or ""}]
 
 
 def _format(value: Any) -> dict[str, Any] | None:
@@ -703,6 +718,10 @@ async def _text(request: web.Request, kind: str) -> web.StreamResponse:
                 raise invalid(f"'{key}' must be a string, got {type(value).__name__}", key)
         raw = bool_field(body, "raw")
         empty = not prompt
+        images = body.get("images")
+        if raw and images:
+            raise invalid("'images' need the model's chat template, which \"raw\": true "
+                          "leaves out; leave raw out", "images")
         if raw:
             if system:
                 raise invalid("'system' cannot be used with \"raw\": true (a raw prompt is "
@@ -712,7 +731,7 @@ async def _text(request: web.Request, kind: str) -> web.StreamResponse:
             internal["prompt"] = prompt
         else:
             internal["messages"] = ([{"role": "system", "content": system}] if system else []) \
-                + [{"role": "user", "content": prompt}]
+                + [{"role": "user", "content": _with_images(prompt, images, "images")}]
     rt, keep, state = request.app[RUNTIME], request.app[KEEP], request.app[STATE]
     entry = await _served(request, requested, service)
     seconds = keep.policy(entry.name, body.get("keep_alive"), state.pinned)
@@ -720,6 +739,7 @@ async def _text(request: web.Request, kind: str) -> web.StreamResponse:
         return json_response(await _load_or_unload(request, entry, requested, seconds, kind))
     internal["model"] = entry.name
     req = text.parse(service, internal)
+    generation.check_sees(entry, req)
     keep.begin(entry.name, seconds)
     try:
         t0 = time.monotonic_ns()

@@ -103,6 +103,11 @@ class Kind:
     def default_weight_format(self, n_params: int) -> str:
         return "fp16"
 
+    def export_task_for(self, src: Path) -> str:
+        """optimum's task for converting the source folder (a kind may serve models that
+        convert differently: VLMs beside LLMs)."""
+        return self.export_task or self.task
+
     def conversion_model_kwargs(self, src: Path) -> dict[str, Any]:
         """Extra model arguments optimum's export needs for the source folder (SpeechT5's
         vocoder); raises ValidationError when the folder lacks them."""

@@ -22,6 +22,7 @@ from ovms_plugin.engine.requests import LLMRequest  # noqa: F401 (this kind's)
 from ovms_plugin.kinds import llm_kv
 from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
 from ovms_plugin.service import detok, generation, text, tools
+from ovms_plugin.store.store import read_json
 
 if TYPE_CHECKING:
     from ovms_plugin.http.metrics import Exposition
@@ -70,6 +71,13 @@ async def text_stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[Str
                 yield StreamChunk(text.usage_chunk(req, rid, created, usage), final=True)
 
 
+def _is_vlm(config: dict[str, Any]) -> bool:
+    """A vision-language model's config.json: a vision tower beside the language model."""
+    archs = config.get("architectures") or []
+    return isinstance(config.get("vision_config"), dict) and any(
+        a.endswith("ForConditionalGeneration") for a in archs)
+
+
 def _validate_text_model(folder: Path, model_type: str | None) -> dict[str, Any]:
     import openvino_genai as ov_genai
     tok = ov_genai.Tokenizer(str(folder))
@@ -88,6 +96,17 @@ def _validate_text_model(folder: Path, model_type: str | None) -> dict[str, Any]
     if model_type == "chat" and "hi" not in template:
         raise ValidationError("the model has no chat template; pull it as "
                               "model_type 'generate', or pick an instruct/chat model")
+    if (folder / "openvino_vision_embeddings_model.xml").is_file():
+        # A VLM: one small image through the pipeline that serves it.
+        import numpy as np
+        import openvino as ov
+        pipe = ov_genai.VLMPipeline(str(folder), "CPU")
+        pipe.generate("Hello", images=[ov.Tensor(np.full((32, 32, 3), 128, np.uint8))],
+                      max_new_tokens=1)
+        return {"chat_template": bool(template), "vision": True}
+    if not (folder / "openvino_model.xml").is_file():
+        raise ValidationError("the folder has no openvino_model.xml (nor a vision-language "
+                              "model's openvino_language_model.xml)")
     pipe = ov_genai.LLMPipeline(str(folder), "CPU")
     pipe.generate("Hello", max_new_tokens=1)
     return {"chat_template": bool(template)}
@@ -145,6 +164,17 @@ class LLMOptions:
     tool_parser: str | None = settings_mod.option(
         None, "how the model writes tool calls (default: recognised from its chat template)",
         choices=(None, *sorted(tools.PARSERS)))
+    max_images: int = settings_mod.option(
+        8, "vision models: images per request", minimum=1)
+    max_image_bytes: int = settings_mod.option(
+        20 * 2**20, "vision models: bytes per image, encoded", minimum=1)
+    max_image_pixels: int = settings_mod.option(
+        4096 * 4096, "vision models: pixels per image (width x height)", minimum=1)
+    allow_local_images: bool = settings_mod.option(
+        False, "vision models: image URLs may be paths of files on this machine")
+    allow_remote_images: bool = settings_mod.option(
+        False, "vision models: the server fetches http(s) image URLs (off: a local server "
+               "does not fetch what a prompt names)")
 
 
 class LLMKind(Kind):
@@ -156,8 +186,9 @@ class LLMKind(Kind):
         Service("generate", text_unary, text_stream, task_type="text-generation",
                 timeout=-1, default_model=DEFAULT_MODEL, stream_usage=True),
     )
-    required_files = ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml",
-                      "openvino_detokenizer.xml")
+    # The model's own IR is openvino_model.xml, or a VLM's openvino_language_model.xml
+    # with its vision and text-embedding models: validate() loads whichever it is.
+    required_files = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
     export_task = "text-generation-with-past"
     needs_tokenizer = True  # chat templates and prompt ids
     options_section = "llm"
@@ -167,9 +198,17 @@ class LLMKind(Kind):
     def recognise(self, files: set[str], config: dict[str, Any]) -> int | None:
         archs = config.get("architectures") or []
         if "openvino_detokenizer.xml" in files or any(
-                a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+                a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or \
+                _is_vlm(config):
             return 30
         return None
+
+    def is_native(self, files: set[str]) -> bool:
+        return "openvino_model.xml" in files or "openvino_language_model.xml" in files
+
+    def export_task_for(self, src: Path) -> str:
+        return "image-text-to-text" if _is_vlm(read_json(src / "config.json")) \
+            else "text-generation-with-past"
 
     def default_weight_format(self, n_params: int) -> str:
         """int4 for LLMs over 1B parameters, int8 for smaller ones."""

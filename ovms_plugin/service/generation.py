@@ -10,6 +10,7 @@ be a tool call at once and holds what may be one, parsing it at the end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovms_plugin.engine.client import EngineError
-from ovms_plugin.engine.requests import LLMRequest
-from ovms_plugin.service import detok, errors, tools
+from ovms_plugin.engine.requests import VISION_MODEL, LLMRequest
+from ovms_plugin.service import detok, errors, tools, vision
 from ovms_plugin.service import prompt as prompt_mod
 from ovms_plugin.service.errors import invalid
 from ovms_plugin.service.text import Detokenizer, StopMatcher, TextDelta, TextRequest
@@ -55,10 +56,20 @@ def features(folder: Path, tokenizer: Any, tool_parser: str | None = None) -> Te
                         samples and gen.get("do_sample") is not True)
 
 
+def check_sees(entry: Any, req: TextRequest) -> None:
+    """Refuses a request with images to a model without a vision encoder (from its
+    folder, before it is loaded)."""
+    if req.images and not (entry.path / VISION_MODEL).is_file():
+        raise invalid(f"model {req.model!r} is a text-only model: it cannot see images; "
+                      "send text, or pick a vision-language model", "messages")
+
+
 async def generate(rt: Runtime, req: TextRequest) -> AsyncIterator[TextDelta]:
     """Runs a chat or generate request; yields each choice's text as it is produced. A
     choice's last delta carries its finish_reason and tool calls; every delta carries the
     request's token counts so far."""
+    if req.images:  # refused before a text-only model is loaded for nothing
+        check_sees(await asyncio.to_thread(rt.entry, req.model), req)
     async with rt.lease(req.model, req.service) as lm, aclosing(_run(lm, req)) as deltas:
         async for d in deltas:
             yield d
@@ -221,7 +232,8 @@ def _check_lookup(lm: LoadedModel, req: TextRequest) -> None:
                       "send n 1", "n")
 
 
-def _request(lm: LoadedModel, req: TextRequest, ids: list[int]) -> LLMRequest:
+def _request(lm: LoadedModel, req: TextRequest, ids: list[int],
+             n_prompt: int | None = None) -> LLMRequest:
     _check_lookup(lm, req)
     temperature = req.temperature
     f = lm.features
@@ -232,13 +244,37 @@ def _request(lm: LoadedModel, req: TextRequest, ids: list[int]) -> LLMRequest:
                       "(its generation_config.json), which gives the same answer every time; "
                       "send a temperature above 0, or n 1", "n")
     return LLMRequest(
-        ids, _max_new_tokens(req, len(ids), lm.context), temperature=temperature,
+        ids, _max_new_tokens(req, len(ids) if n_prompt is None else n_prompt, lm.context),
+        temperature=temperature,
         top_p=req.top_p, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed, ignore_eos=req.ignore_eos,
         top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         min_new_tokens=req.min_tokens, n=req.n, logprobs=req.logprobs,
         structured=req.structured, num_assistant_tokens=req.num_assistant_tokens,
         max_ngram_size=req.max_ngram_size)
+
+
+async def _vision_request(lm: LoadedModel, req: TextRequest, p: prompt_mod.Prompt
+                          ) -> tuple[LLMRequest, prompt_mod.PromptIds]:
+    """A request with images: they are checked and decoded (off the event loop), and the
+    prompt is rendered to text with <ov_genai_image_N> where they go; the engine's
+    processor tokenizes it and embeds the images. The token count (for the context check
+    and usage) is the text's plus the model's tokens per image, when its config says."""
+    images = await vision.load_images(lm, req.model, req.images)
+    if p.messages is None:  # a raw prompt (generate): no template, the tokenizer's tokens
+        text = p.text or ""
+        ids = prompt_mod.encode(lm.tokenizer, text, add_special_tokens=True)
+    else:
+        try:
+            text = prompt_mod.render(lm.tokenizer, p)
+        except prompt_mod.TemplateError as e:
+            raise invalid(f"the model's chat template could not render these messages: "
+                          f"{e}", "messages") from None
+        ids = prompt_mod.encode(lm.tokenizer, text, add_special_tokens=False)
+    n_prompt = len(ids) + len(images) * vision.image_tokens(lm)
+    payload = _request(lm, req, [], n_prompt)
+    payload.prompt, payload.images, payload.prompt_tokens = text, images, n_prompt
+    return payload, prompt_mod.PromptIds([], prompt_mod.opens_in_prompt(text))
 
 
 async def _run(lm: LoadedModel, req: TextRequest) -> AsyncIterator[TextDelta]:
@@ -248,18 +284,24 @@ async def _run(lm: LoadedModel, req: TextRequest) -> AsyncIterator[TextDelta]:
                               extra=req.template_kwargs)
     else:
         p = prompt_mod.Prompt(text=req.prompt)
-    try:
-        pids = await prompt_mod.prompt_ids(lm, p)
-    except prompt_mod.TemplateError as e:
-        raise invalid(f"the model's chat template could not render these messages: {e}",
-                      "messages") from None
-    n_prompt = len(pids.ids)
-    if lm.max_prompt and n_prompt > lm.max_prompt:
-        raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} runs on "
-                      f"{lm.client.info.get('device')} with a prompt limit of "
-                      f"{lm.max_prompt} tokens (MAX_PROMPT_LEN); shorten the prompt, or "
-                      "raise npu_max_prompt_len in the model's llm settings", "messages")
-    payload = _request(lm, req, pids.ids)
+    if req.images or lm.client.info.get("vision"):
+        # A vision model's language model takes embeddings, not token ids: its requests,
+        # with images or without, go to its processor as text.
+        payload, pids = await _vision_request(lm, req, p)
+        n_prompt = payload.prompt_tokens
+    else:
+        try:
+            pids = await prompt_mod.prompt_ids(lm, p)
+        except prompt_mod.TemplateError as e:
+            raise invalid(f"the model's chat template could not render these messages: {e}",
+                          "messages") from None
+        n_prompt = len(pids.ids)
+        if lm.max_prompt and n_prompt > lm.max_prompt:
+            raise invalid(f"the prompt has {n_prompt} tokens, but model {req.model!r} runs "
+                          f"on {lm.client.info.get('device')} with a prompt limit of "
+                          f"{lm.max_prompt} tokens (MAX_PROMPT_LEN); shorten the prompt, or "
+                          "raise npu_max_prompt_len in the model's llm settings", "messages")
+        payload = _request(lm, req, pids.ids)
     choices = []
     for i in range(req.n):
         gate = None

@@ -77,15 +77,21 @@ class _HelperGone(Exception):
     """The prompt helper could not start, died, or failed otherwise: do the work inline."""
 
 
+def render(tok: Any, p: Prompt) -> str:
+    """A chat's messages rendered with the model's template (raises TemplateError)."""
+    assert p.messages is not None
+    try:
+        return tok.apply_chat_template(p.messages, add_generation_prompt=True,
+                                       tools=p.tools, extra_context=p.extra)
+    except Exception as e:
+        raise TemplateError(str(e)) from None
+
+
 def render_encode(tok: Any, p: Prompt) -> PromptIds:
     """The prompt's token ids: a chat rendered with the model's template (its special
     tokens are in the template), or a generate prompt with the tokenizer's special tokens."""
     if p.messages is not None:
-        try:
-            text = tok.apply_chat_template(p.messages, add_generation_prompt=True,
-                                           tools=p.tools, extra_context=p.extra)
-        except Exception as e:
-            raise TemplateError(str(e)) from None
+        text = render(tok, p)
         return PromptIds(encode(tok, text, add_special_tokens=False), opens_in_prompt(text))
     return PromptIds(encode(tok, p.text or "", add_special_tokens=True))
 

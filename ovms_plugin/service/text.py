@@ -87,6 +87,8 @@ class TextRequest:
     forced_tool: str | None = None
     parallel_tool_calls: bool = True
     template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+    # Images of the messages, as sent (URLs), in the order of their IMAGE_TAG marks.
+    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,22 +117,57 @@ def _number(body: dict, key: str, lo: float, hi: float) -> float | None:
     return float(value)
 
 
-def _text_parts(content: list, i: int) -> str:
+IMAGE_TAG = "<ov_genai_image_{}>"  # where an image goes in the rendered prompt (GenAI's)
+_TAG_PREFIX = "<ov_genai_image_"
+MAX_IMAGES = 64  # per request, before the model's own limit (llm.max_images)
+
+
+def _image_ref(part: dict, where: str) -> str:
+    """The image a content part names: its URL (a data: URL, or a path or http(s) URL,
+    which the model's settings may allow)."""
+    ref = part.get("image_url")
+    if isinstance(ref, dict):
+        ref = ref.get("url")
+    if not isinstance(ref, str) or not ref.strip():
+        raise invalid(f"{where} is an image part without a URL: send {{\"type\": "
+                      "\"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
+                      "messages")
+    return ref.strip()
+
+
+def add_image(images: list[str], ref: str) -> str:
+    """Records an image of the request; returns the tag that marks its place."""
+    if len(images) >= MAX_IMAGES:
+        raise invalid(f"the request has more than {MAX_IMAGES} images", "messages")
+    images.append(ref)
+    return IMAGE_TAG.format(len(images) - 1)
+
+
+def check_no_tags(text: str, where: str) -> None:
+    if _TAG_PREFIX in text:
+        raise invalid(f"{where} contains '{_TAG_PREFIX}...>', which marks images in prompts "
+                      "here; send images as image parts instead", "messages")
+
+
+def _text_parts(content: list, i: int, images: list[str]) -> str:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("image_url", "input_image", "image"):
-            raise invalid(f"messages[{i}].content[{j}] is an image: images in messages need "
-                          "a vision model, which this server does not serve yet", "messages")
+        where = f"messages[{i}].content[{j}]"
+        if kind in ("image_url", "input_image"):
+            parts.append(add_image(images, _image_ref(part, where)))
+            continue
+        if kind == "image":
+            raise invalid(f"{where} has type 'image'; send images as {{\"type\": "
+                          "\"image_url\", \"image_url\": {\"url\": ...}}", "messages")
         if kind == "input_audio":
-            raise invalid(f"messages[{i}].content[{j}] is audio: audio input is not "
-                          "supported", "messages")
+            raise invalid(f"{where} is audio: audio input is not supported", "messages")
         if kind != "text":
-            raise invalid(f"messages[{i}].content[{j}] must be a text part "
-                          "({\"type\": \"text\", \"text\": ...})", "messages")
+            raise invalid(f"{where} must be a text or image_url part", "messages")
         if not isinstance(part.get("text"), str):
-            raise invalid(f"messages[{i}].content[{j}].text must be a string, got "
-                          f"{part.get('text')!r}", "messages")
+            raise invalid(f"{where}.text must be a string, got {part.get('text')!r}",
+                          "messages")
+        check_no_tags(part["text"], where)
         parts.append(part["text"])
     return "".join(parts)
 
@@ -164,7 +201,7 @@ def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def _message(message: Any, i: int) -> dict[str, Any]:
+def _message(message: Any, i: int, images: list[str]) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
     role = message.get("role")
@@ -186,7 +223,9 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     if content is None:
         content = ""
     if isinstance(content, list):
-        content = _text_parts(content, i)
+        content = _text_parts(content, i, images)
+    elif isinstance(content, str):
+        check_no_tags(content, f"messages[{i}].content")
     if not isinstance(content, str):
         raise invalid(f"messages[{i}].content must be a string", "messages")
     out: dict[str, Any] = {"role": role, "content": content}
@@ -387,13 +426,14 @@ def parse(service: str, body: Any) -> TextRequest:
         if not isinstance(messages, list) or not messages:
             raise invalid("'messages' must be a non-empty list of {role, content} objects",
                           "messages")
-        req.messages = [_message(m, i) for i, m in enumerate(messages)]
+        req.messages = [_message(m, i, req.images) for i, m in enumerate(messages)]
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise invalid("'prompt' must be a non-empty string", "prompt")
+        check_no_tags(prompt, "'prompt'")
         req.prompt = prompt
     _sampling(req, body)
     _choices_and_logprobs(req, body)

@@ -115,6 +115,28 @@ def export_to_ir(
 
     if task.removesuffix("-with-past") in _TEXT_TASKS or library == "sentence_transformers":
         _ensure_tokenizer_ir(src, dst, task, trust_remote_code)
+    if task == "image-text-to-text":
+        _ensure_preprocessor_config(src, dst)
+
+
+def _ensure_preprocessor_config(src: Path, dst: Path) -> None:
+    """transformers 5 saves a processor as one processor_config.json with the image
+    processor nested in it; GenAI reads the image processor only from
+    preprocessor_config.json, and without it preprocesses at the wrong size."""
+    import json
+
+    if (dst / "preprocessor_config.json").is_file():
+        return
+    if (src / "preprocessor_config.json").is_file():
+        (dst / "preprocessor_config.json").write_bytes(
+            (src / "preprocessor_config.json").read_bytes())
+        return
+    try:
+        nested = json.loads((dst / "processor_config.json").read_text()).get("image_processor")
+    except (OSError, ValueError):
+        return
+    if isinstance(nested, dict):
+        (dst / "preprocessor_config.json").write_text(json.dumps(nested, indent=2))
 
 
 def _ensure_tokenizer_ir(src: Path, dst: Path, task: str, trust_remote_code: bool) -> None:

@@ -39,7 +39,7 @@ def convert(src: str, dst: str, task: str, weight_format: str | None, library: s
     from ovms_plugin.store.convert import export_to_ir
     kind = _kind(task)
     extra = kind.conversion_model_kwargs(Path(src))
-    export_to_ir(Path(src), Path(dst), task=kind.export_task or task,
+    export_to_ir(Path(src), Path(dst), task=kind.export_task_for(Path(src)),
                  weight_format=weight_format, library=library,
                  trust_remote_code=trust_remote_code, **({"model_kwargs": extra} if extra else {}))
 
