@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,15 @@ def speech_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (src / "voices").mkdir()
     np.save(src / "voices" / "anna.npy", np.random.default_rng(1).standard_normal(
         512).astype(np.float32))
-    pull.pull(store, pull.PullRequest(model=str(models[devmodels.TINY_WHISPER_HF]), name=STT,
-                                      model_type="speech-to-text"), lambda m: None)
-    pull.pull(store, pull.PullRequest(model=str(src), name=TTS), lambda m: None)
+    # The two conversions run side by side (each in its own job process).
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(pull.pull, store, pull.PullRequest(
+                    model=str(models[devmodels.TINY_WHISPER_HF]), name=STT,
+                    model_type="speech-to-text"), lambda m: None),
+                pool.submit(pull.pull, store, pull.PullRequest(model=str(src), name=TTS),
+                            lambda m: None)]
+        for f in done:
+            f.result()
     (home / "settings.yaml").write_text(yaml.safe_dump({"models": {
         # Random weights never say "stop": speech as long as the text, exactly.
         TTS: {"tts": {"minlenratio": 1.0, "maxlenratio": 1.001}},
