@@ -20,6 +20,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("install-aog", help="lay out the AOG plugin folder")
     s.add_argument("--plugins-dir", type=Path, default=None,
                    help="AOG's plugins dir (default: <AOG data dir>/plugins)")
+    s.add_argument("--platform", default=None,
+                   help="AOG platform whose launcher to write: linux_amd64, linux_arm64, "
+                        "darwin_amd64, darwin_arm64, windows_amd64 (default: this one)")
+    s.add_argument("--python", default=None, metavar="PATH",
+                   help="Python the launcher runs (default: this one; required for "
+                        "another platform, as a path on that machine)")
+    s.add_argument("--pythonpath", default=None, metavar="DIR",
+                   help="folder holding ovms_plugin to put on PYTHONPATH (default: this "
+                        "package's parent; none for another platform)")
     s = sub.add_parser("demo", help="install the built-in default model (SmolLM2-135M-Instruct), "
                                     "serve it over HTTP and "
                                     "show how to call it (--aog: launch the plugin as AOG "

@@ -144,9 +144,15 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_install_aog(args: argparse.Namespace) -> int:
-    from ovms_plugin.aog.install import install
-    root = install(args.plugins_dir, args.models_dir)
-    print(f"installed the AOG plugin at {root}")
+    from ovms_plugin.aog.install import InstallError, install
+    try:
+        root = install(args.plugins_dir, args.models_dir, platform=args.platform,
+                       python=args.python, pythonpath=args.pythonpath)
+    except InstallError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"installed the AOG plugin at {root}"
+          + (f" (for {args.platform})" if args.platform else ""))
     return 0
 
 

@@ -50,7 +50,12 @@ def test_plugin_yaml_is_what_aog_accepts():
     name = m["provider"]["name"]
     assert "plugin" in name and "_" not in name and name not in ("openvino", "ollama")
     assert m["provider"]["type"] == "local" and m["provider"]["version"] == __version__
-    assert m["platforms"]["linux_amd64"]["executable"] == "bin/linux-amd64/ovms-plugin"
+    assert {k: v["executable"] for k, v in m["platforms"].items()} == {
+        "linux_amd64": "bin/linux-amd64/ovms-plugin",
+        "linux_arm64": "bin/linux-arm64/ovms-plugin",
+        "darwin_amd64": "bin/darwin-amd64/ovms-plugin",
+        "darwin_arm64": "bin/darwin-arm64/ovms-plugin",
+        "windows_amd64": "bin/windows-amd64/ovms-plugin.exe"}
     for s in m["services"]:
         assert s["config_ref"] == f"openvino:{s['service_name']}"
         bidi = s["service_name"] == "speech-to-text-ws"
