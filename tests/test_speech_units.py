@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 
 import numpy as np
@@ -248,3 +249,29 @@ def test_voices():
     assert tts.check_voice(None, ["anna"], "m") == "anna"  # no built-in speaker
     refused(tts.check_voice, "alloy", ["default", "anna"], "m", param="voice",
             match="its voices: default, anna")
+
+
+def test_stream_return_format_srt_numbers_the_final_sentences():
+    task = stt_stream._Task("t", return_format="srt")
+    partial = stt_stream._sentence(task, stt_stream.Sentence(0, RATE, False), "Hel")
+    final = stt_stream._sentence(task, stt_stream.Sentence(0, 2 * RATE, True), "Hello.")
+    second = stt_stream._sentence(task, stt_stream.Sentence(3 * RATE, 4 * RATE, True), "Bye.")
+    texts = [json.loads(m.data)["payload"]["output"]["sentence"]["text"]
+             for m in (partial, final, second)]
+    assert texts == ["1\n00:00:00,000 --> 00:00:01,000\nHel\n\n",
+                     "1\n00:00:00,000 --> 00:00:02,000\nHello.\n\n",
+                     "2\n00:00:03,000 --> 00:00:04,000\nBye.\n\n"]
+    plain = stt_stream._Task("t")
+    stt_stream._apply(plain, {"return_format": "text"})
+    assert json.loads(stt_stream._sentence(plain, stt_stream.Sentence(0, RATE, True), "Hi")
+                      .data)["payload"]["output"]["sentence"]["text"] == "Hi"
+    refused(stt_stream._apply, plain, {"return_format": "json"}, param="return_format")
+
+
+def test_speech_over_aog_refuses_openai_stream_format():
+    import asyncio
+
+    from ovms_plugin.kinds import tts as tts_kind
+    with pytest.raises(ServiceError, match="stream_format"):
+        asyncio.run(tts_kind.unary(None, "text-to-speech",  # type: ignore[arg-type]
+                                   {"model": "m", "input": "hi", "stream_format": "sse"}))

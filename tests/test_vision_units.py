@@ -64,3 +64,28 @@ def test_local_files_only_when_allowed(tmp_path: Path):
         assert await vision._source(url, 0, {}, 1000) == url
 
     asyncio.run(run())
+
+
+def test_image_detail_low_makes_a_small_image_and_unknown_details_are_refused():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ovms_plugin.service import text
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((600, 900, 4), np.uint8)).save(buf, "PNG")  # transparent
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}}]}]}
+    req = text.parse("chat", body)
+    assert [low for _url, low in req.images] == [True, False]
+    small = vision._decode(url, 0, 10**7, 10**7, True)
+    full = vision._decode(url, 1, 10**7, 10**7, False)
+    assert small.shape == (341, 512, 3) and full.shape == (600, 900, 3)
+    assert (full == 255).all()  # transparency on white
+    body["messages"][0]["content"][0]["image_url"]["detail"] = "medium"
+    with pytest.raises(ServiceError, match="detail must be auto, high or low"):
+        text.parse("chat", body)

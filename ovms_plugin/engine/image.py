@@ -27,7 +27,7 @@ import openvino as ov
 import openvino_genai as ov_genai
 
 from ovms_plugin.engine.png import encode_rgb
-from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
+from ovms_plugin.engine.protocol import StepOutput
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import ImageJob, ImageProgress, ImageResult
 
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class ImageEngine(QueuedEngine):
+    what = "the image engine"
+
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
         super().__init__()
         self.device = config.get("device", "CPU")
@@ -87,22 +89,10 @@ class ImageEngine(QueuedEngine):
                              "guidance_scale": gc.guidance_scale},
                 "static": self.static, "edit": edit}
 
-    def step(self) -> list[StepOutput]:
-        req_id, p = self.queue.popleft()
-        assert isinstance(p, ImageJob)
-        if self.take_interrupt(req_id):
-            return []
-        try:
-            images = self._generate(req_id, p)
-        except Exception as e:  # one request's failure must not take the engine down
-            log.exception("image generation failed")
-            self.take_interrupt(req_id)
-            # GenAI's checks name their source file first; the last line says what failed.
-            why = (str(e).strip().splitlines() or [""])[-1]
-            return [failed(req_id, FailureKind.INTERNAL,
-                           f"the image engine failed: {type(e).__name__}: {why}")]
-        if self.take_interrupt(req_id):
-            return []  # the caller is gone; the engine is free for the next one
+    def run(self, req_id: int, p: ImageJob) -> list[StepOutput]:
+        images = self._generate(req_id, p)
+        if self.is_interrupted(req_id):
+            return []  # the caller is gone: no PNGs for nobody
         pngs = [encode_rgb(np.ascontiguousarray(img)) for img in images]
         self.images_total += len(pngs)
         return [StepOutput(req_id, ImageResult(pngs), "stop")]

@@ -4,16 +4,20 @@ at once from the worker's reader thread, and progress sent in the middle of a st
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ovms_plugin.engine.protocol import StepOutput
+from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
+
+log = logging.getLogger(__name__)
 
 
 class QueuedEngine:
     long_steps = True  # metrics are answered from the reader thread, not after the step
+    what = "the engine"  # how failures name it: "the image engine failed: ..."
 
     def __init__(self) -> None:
         self.queue: deque[tuple[int, Any]] = deque()  # (req_id, the kind's request)
@@ -48,3 +52,26 @@ class QueuedEngine:
                 self.interrupted.discard(req_id)
                 return True
             return False
+
+    def run(self, req_id: int, payload: Any) -> list[StepOutput]:
+        """One whole request (engines that use step() below implement it)."""
+        raise NotImplementedError
+
+    def step(self) -> list[StepOutput]:
+        """The oldest request, run whole. Its failure fails it alone: the engine goes on
+        with the next. A request aborted meanwhile gives nothing."""
+        req_id, payload = self.queue.popleft()
+        if self.take_interrupt(req_id):
+            return []
+        try:
+            outs = self.run(req_id, payload)
+        except Exception as e:
+            log.exception("%s failed", self.what)
+            self.take_interrupt(req_id)
+            # GenAI's checks name their source file first; the last line says what failed.
+            why = (str(e).strip().splitlines() or [""])[-1]
+            return [failed(req_id, FailureKind.INTERNAL,
+                           f"{self.what} failed: {type(e).__name__}: {why}")]
+        if self.take_interrupt(req_id):
+            return []  # the caller is gone
+        return outs

@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
+from ovms_plugin.engine.protocol import StepOutput
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import SpeakJob, SpeechChunk
 
@@ -56,6 +56,8 @@ def load_voices(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 class TtsEngine(QueuedEngine):
+    what = "the speech engine"
+
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
         super().__init__()
         self.device = config.get("device", "CPU")
@@ -101,25 +103,14 @@ class TtsEngine(QueuedEngine):
         self.characters_total += len(text)
         return samples
 
-    def step(self) -> list[StepOutput]:
-        req_id, job = self.queue.popleft()
-        assert isinstance(job, SpeakJob)
+    def run(self, req_id: int, job: SpeakJob) -> list[StepOutput]:
+        """Each sentence's audio as it is spoken; the last one ends the request."""
         self.requests_total += 1
-        last = len(job.sentences) - 1
         for i, sentence in enumerate(job.sentences):
-            if self.take_interrupt(req_id):
+            if i and self.is_interrupted(req_id):
                 return []
-            try:
-                chunk = SpeechChunk(i, self.speak(sentence, job.voice, job.speed), self.rate)
-            except Exception as e:  # one request's failure must not take the engine down
-                log.exception("speech failed")
-                self.take_interrupt(req_id)
-                return [failed(req_id, FailureKind.INTERNAL,
-                               f"the speech engine failed on sentence {i + 1}: "
-                               f"{type(e).__name__}: {e}")]
-            if i == last:
-                if self.take_interrupt(req_id):
-                    return []
+            chunk = SpeechChunk(i, self.speak(sentence, job.voice, job.speed), self.rate)
+            if i == len(job.sentences) - 1:
                 return [StepOutput(req_id, chunk, "stop")]
             self.emit([StepOutput(req_id, chunk)])
         return []

@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ov_genai
 
-from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
+from ovms_plugin.engine.protocol import StepOutput
 from ovms_plugin.engine.queued import QueuedEngine
 from ovms_plugin.engine.requests import TranscribeJob, TranscribeResult
 from ovms_plugin.engine.stats import Histogram
@@ -32,6 +32,8 @@ MIN_SAMPLES = 400  # one FFT window (25 ms)
 
 
 class WhisperEngine(QueuedEngine):
+    what = "the speech engine"
+
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
         super().__init__()
         self.device = config.get("device", "CPU")
@@ -88,21 +90,8 @@ class WhisperEngine(QueuedEngine):
                                                           else detected),
                                 seconds=seconds, processing_seconds=spent)
 
-    def step(self) -> list[StepOutput]:
-        req_id, job = self.queue.popleft()
-        assert isinstance(job, TranscribeJob)
-        if self.take_interrupt(req_id):
-            return []
-        try:
-            out = self.transcribe(job)
-        except Exception as e:  # one request's failure must not take the engine down
-            log.exception("transcription failed")
-            self.take_interrupt(req_id)
-            return [failed(req_id, FailureKind.INTERNAL,
-                           f"the speech engine failed: {type(e).__name__}: {e}")]
-        if self.take_interrupt(req_id):
-            return []  # the caller is gone
-        return [StepOutput(req_id, out, "stop")]
+    def run(self, req_id: int, job: TranscribeJob) -> list[StepOutput]:
+        return [StepOutput(req_id, self.transcribe(job), "stop")]
 
     def metrics(self) -> dict[str, Any]:
         return {"queued_requests": len(self.queue), "requests_total": self.requests_total,

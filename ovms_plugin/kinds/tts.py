@@ -81,14 +81,23 @@ async def speak_all(rt: Runtime, req: tts.SpeechRequest) -> tuple[np.ndarray, in
     return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), rate
 
 
+def _parse(body: Any) -> tts.SpeechRequest:
+    """AOG's body: the call decides whether it streams (sentence events), so OpenAI's
+    stream_format, which picks how /v1/audio/speech streams, has nothing to choose."""
+    if isinstance(body, dict) and body.get("stream_format") is not None:
+        raise invalid("'stream_format' is for /v1/audio/speech; here a streamed call sends "
+                      "one event per sentence", "stream_format")
+    return tts.parse(body)
+
+
 async def unary(rt: Runtime, service: str, body: Any) -> dict[str, Any]:
-    req = tts.parse(body)
+    req = _parse(body)
     samples, rate = await speak_all(rt, req)
     return tts.response(samples, rate, req.response_format)
 
 
 async def stream(rt: Runtime, service: str, body: Any) -> AsyncIterator[StreamChunk]:
-    req = tts.parse(body)
+    req = _parse(body)
     total = 0.0
     last: StreamChunk | None = None
     async with aclosing(speak(rt, req)) as chunks:

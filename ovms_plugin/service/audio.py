@@ -396,13 +396,14 @@ def _cue_text(text: str) -> str:
     return re.sub(r"\s*\n\s*", "\n", text.strip())
 
 
-def srt(segments: Iterable[tuple[float, float, str]]) -> str:
-    """SubRip: numbered cues from 1, "00:00:01,000 --> 00:00:02,500", the text, a blank line."""
+def srt(segments: Iterable[tuple[float, float, str]], first: int = 1) -> str:
+    """SubRip: numbered cues from `first`, "00:00:01,000 --> 00:00:02,500", the text, a
+    blank line."""
     cues = []
     for start, end, text in segments:
         text = _cue_text(text)
         if text:
-            cues.append(f"{len(cues) + 1}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n"
+            cues.append(f"{len(cues) + first}\n{timestamp(start, ',')} --> {timestamp(end, ',')}\n"
                         f"{text}\n\n")
     return "".join(cues)
 

@@ -113,14 +113,16 @@ def bool_field(body: dict, key: str, default: bool = False) -> bool:
     return value
 
 
-def check_fields(body: dict, known: frozenset[str] | set[str], what: str) -> None:
+def check_fields(body: dict, known: frozenset[str] | set[str], what: str,
+                 otherwise: str | None = None) -> None:
     """Refuses a field `what` (a service or route) does not know, naming the closest
-    known one: nothing a caller sends is silently ignored."""
+    known one (else `otherwise`, by default the list of known fields): nothing a caller
+    sends is silently ignored."""
     for key in body:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else \
-                f"; known fields: {', '.join(sorted(known))}"
+                otherwise or f"; known fields: {', '.join(sorted(known))}"
             raise invalid(f"unknown field '{key}' for {what}{hint}", str(key))
 
 

@@ -42,6 +42,7 @@ class TextFeatures:
     reasoning: bool = False  # its template knows <think> (reasoning_content)
     samples_by_default: bool = False  # generation_config.json picks the sampling itself
     greedy_by_default: bool = False  # ... and what it picks is greedy decoding
+    image_tokens: int = 0  # a vision model's prompt tokens per image, when its config says
 
 
 def features(folder: Path, tokenizer: Any, tool_parser: str | None = None) -> TextFeatures:
@@ -53,7 +54,8 @@ def features(folder: Path, tokenizer: Any, tool_parser: str | None = None) -> Te
         gen = {}
     samples = isinstance(gen, dict) and ("do_sample" in gen or "temperature" in gen)
     return TextFeatures(tools.choose(template, tool_parser), uses_reasoning(template), samples,
-                        samples and gen.get("do_sample") is not True)
+                        samples and gen.get("do_sample") is not True,
+                        vision.image_tokens(folder))
 
 
 def check_sees(entry: Any, req: TextRequest) -> None:
@@ -271,7 +273,7 @@ async def _vision_request(lm: LoadedModel, req: TextRequest, p: prompt_mod.Promp
             raise invalid(f"the model's chat template could not render these messages: "
                           f"{e}", "messages") from None
         ids = prompt_mod.encode(lm.tokenizer, text, add_special_tokens=False)
-    n_prompt = len(ids) + len(images) * vision.image_tokens(lm)
+    n_prompt = len(ids) + len(images) * (lm.features.image_tokens if lm.features else 0)
     payload = _request(lm, req, [], n_prompt)
     payload.prompt, payload.images, payload.prompt_tokens = text, images, n_prompt
     return payload, prompt_mod.PromptIds([], prompt_mod.opens_in_prompt(text))

@@ -320,6 +320,16 @@ def resolve_edit(req: EditRequest, size: tuple[int, int], limits: ImageLimits,
     return payload
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image as RGB, transparency laid over white (as a viewer shows it)."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image.convert("RGB")
+
+
 def edit_arrays(image: Image.Image, mask: Image.Image | None, width: int, height: int
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The pixels the pipelines take, at the output size: the image as RGB uint8
@@ -328,10 +338,7 @@ def edit_arrays(image: Image.Image, mask: Image.Image | None, width: int, height
     import numpy as np
     from PIL import Image
 
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    rgb = image.convert("RGB")
+    rgb = to_rgb(image)
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
     pixels = np.asarray(rgb, dtype=np.uint8)

@@ -34,7 +34,7 @@ import logging
 import math
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 RATE = audio.TARGET_RATE
 FRAME = RATE * 30 // 1000  # 30 ms
 _STREAM_FORMATS = ("pcm", "wav")
+RETURN_FORMATS = ("text", "srt")
 
 
 @dataclass
@@ -235,8 +236,9 @@ class _Task:
     sample_rate: int = RATE
     channels: int = 1
     use_vad: bool = True
+    return_format: str = "text"
     started: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    finals: int = 0  # final sentences sent (the SubRip cue numbers)
 
 
 def _event(task_id: str, name: str, payload: dict[str, Any] | None = None,
@@ -246,8 +248,11 @@ def _event(task_id: str, name: str, payload: dict[str, Any] | None = None,
                        {"event": name, "task_id": task_id})
 
 
-def _sentence(task_id: str, s: Sentence, text: str) -> BidiMessage:
-    return _event(task_id, "result-generated", {"output": {"sentence": {
+def _sentence(task: _Task, s: Sentence, text: str) -> BidiMessage:
+    if task.return_format == "srt" and text:
+        text = audio.srt([(s.start / RATE, s.end / RATE, text)], first=task.finals + 1)
+    task.finals += s.final
+    return _event(task.task_id, "result-generated", {"output": {"sentence": {
         "begin_time": s.start * 1000 // RATE,
         "end_time": s.end * 1000 // RATE if s.final else None,
         "text": text, "sentence_end": s.final}}})
@@ -282,15 +287,16 @@ def _apply(task: _Task, params: dict[str, Any]) -> None:
             if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
                 raise invalid(f"'use_vad' must be true or false, got {value!r}", "use_vad")
             task.use_vad = value if isinstance(value, bool) else str(value).lower() == "true"
-        elif key in ("return_format", "ws_conn_id", "service", "task", "task_id",
-                     "conn_id"):
-            if key == "return_format" and str(value) not in ("text", "json", "srt"):
-                raise invalid(f"'return_format' {value!r} is not offered: results are "
-                              "AOG's result-generated events with the text", "return_format")
-            task.extra[key] = value
-        else:
+        elif key == "return_format":
+            if str(value) not in RETURN_FORMATS:
+                raise invalid(f"'return_format' must be text or srt (a sentence's text as a "
+                              f"SubRip cue), got {value!r}", "return_format")
+            task.return_format = str(value)
+        elif key not in ("ws_conn_id", "service", "task", "task_id", "conn_id"):
+            # (those name the connection and the service: nothing to set)
             raise invalid(f"unknown parameter {key!r} for speech-to-text-ws; known: model, "
-                          "language, format, sample_rate, channels, use_vad", key)
+                          "language, format, sample_rate, channels, use_vad, return_format",
+                          key)
 
 
 async def session(rt: Any, service: str, metadata: dict[str, str],
@@ -365,7 +371,7 @@ async def _run(rt: Any, service: str, metadata: dict[str, str], task: _Task,
         async def result(sentence: Sentence) -> BidiMessage:
             samples = seg.samples(sentence.start, sentence.end)
             out: TranscribeResult = await transcribe(lm, samples, language)
-            return _sentence(task.task_id, sentence, out.text.strip())
+            return _sentence(task, sentence, out.text.strip())
 
         finishing = False
         while not finishing:

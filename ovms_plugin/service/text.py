@@ -3,7 +3,6 @@ name), streaming detokenization with stop strings, and the OpenAI response shape
 
 from __future__ import annotations
 
-import difflib
 import json
 import time
 import uuid
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ovms_plugin.service import grammar, tools
-from ovms_plugin.service.errors import bool_field, int_field, invalid, require_model
+from ovms_plugin.service.errors import bool_field, check_fields, int_field, invalid, require_model
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 MAX_CHOICES = 8  # `n`: sequences sampled from one prompt, per request
@@ -87,8 +86,9 @@ class TextRequest:
     forced_tool: str | None = None
     parallel_tool_calls: bool = True
     template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
-    # Images of the messages, as sent (URLs), in the order of their IMAGE_TAG marks.
-    images: list[str] = field(default_factory=list)
+    # Images of the messages, in the order of their IMAGE_TAG marks: (URL as sent, whether
+    # OpenAI's detail "low" asks for a small one).
+    images: list[tuple[str, bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -122,20 +122,25 @@ _TAG_PREFIX = "<ov_genai_image_"
 MAX_IMAGES = 64  # per request, before the model's own limit (llm.max_images)
 
 
-def _image_ref(part: dict, where: str) -> str:
+_DETAILS = ("auto", "high", "low")
+
+
+def _image_ref(part: dict, where: str) -> tuple[str, bool]:
     """The image a content part names: its URL (a data: URL, or a path or http(s) URL,
-    which the model's settings may allow)."""
-    ref = part.get("image_url")
+    which the model's settings may allow), and whether its detail is "low"."""
+    ref, detail = part.get("image_url"), part.get("detail")
     if isinstance(ref, dict):
-        ref = ref.get("url")
+        ref, detail = ref.get("url"), ref.get("detail")
     if not isinstance(ref, str) or not ref.strip():
         raise invalid(f"{where} is an image part without a URL: send {{\"type\": "
                       "\"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}",
                       "messages")
-    return ref.strip()
+    if detail is not None and detail not in _DETAILS:
+        raise invalid(f"{where}: detail must be auto, high or low, got {detail!r}", "messages")
+    return ref.strip(), detail == "low"
 
 
-def add_image(images: list[str], ref: str) -> str:
+def add_image(images: list[tuple[str, bool]], ref: tuple[str, bool]) -> str:
     """Records an image of the request; returns the tag that marks its place."""
     if len(images) >= MAX_IMAGES:
         raise invalid(f"the request has more than {MAX_IMAGES} images", "messages")
@@ -149,7 +154,7 @@ def check_no_tags(text: str, where: str) -> None:
                       "here; send images as image parts instead", "messages")
 
 
-def _text_parts(content: list, i: int, images: list[str]) -> str:
+def _text_parts(content: list, i: int, images: list[tuple[str, bool]]) -> str:
     parts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -201,7 +206,7 @@ def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
     return out
 
 
-def _message(message: Any, i: int, images: list[str]) -> dict[str, Any]:
+def _message(message: Any, i: int, images: list[tuple[str, bool]]) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise invalid(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
     role = message.get("role")
@@ -243,17 +248,15 @@ def _message(message: Any, i: int, images: list[str]) -> dict[str, Any]:
 def _check_fields(service: str, body: dict) -> None:
     known = CHAT_FIELDS if service == "chat" else GENERATE_FIELDS
     route = "chat completions" if service == "chat" else "completions"
+    rest = {}
     for key, value in body.items():
         if key in _REFUSED and not (key == "suffix" and service == "chat"):
             allowed, why = _REFUSED[key]
             if value not in allowed:
                 raise invalid(f"'{key}' is not supported: {why}", key)
-            continue
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else \
-                "; see the README's parameter table"
-            raise invalid(f"unknown field '{key}' for {route}{hint}", key)
+        else:
+            rest[key] = value
+    check_fields(rest, known, route, "; see the README's parameter table")
 
 
 def _response_format(value: Any) -> tuple[str, str] | None:

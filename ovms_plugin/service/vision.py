@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 _REMOTE = re.compile(r"^https?://", re.IGNORECASE)
 _OTHER_SCHEME = re.compile(r"^(file|ftp|s3|gs)://", re.IGNORECASE)
+LOW_DETAIL_SIDE = 512  # OpenAI's detail "low": the image at most this many pixels a side
 FETCH_TIMEOUT = 20.0  # seconds for one remote image, when remote images are allowed
 
 
@@ -92,30 +94,27 @@ async def _source(ref: str, i: int, opts: dict[str, Any], max_bytes: int) -> str
     return ref  # base64 without a data: prefix (Ollama's form); refused if it is not
 
 
-def _decode(data: str | bytes, i: int, max_bytes: int, max_pixels: int) -> np.ndarray:
-    img = image_mod.decode_image(data, f"image {i + 1}", max_bytes, max_pixels)
-    if img.mode != "RGB":
-        from PIL import Image
-        if "A" in img.getbands():  # transparency on white, as a viewer shows it
-            rgba = img.convert("RGBA")
-            flat = Image.new("RGB", rgba.size, (255, 255, 255))
-            flat.paste(rgba, mask=rgba.getchannel("A"))
-            img = flat
-        else:
-            img = img.convert("RGB")
+def _decode(data: str | bytes, i: int, max_bytes: int, max_pixels: int, low: bool
+            ) -> np.ndarray:
+    img = image_mod.to_rgb(image_mod.decode_image(data, f"image {i + 1}", max_bytes,
+                                                  max_pixels))
+    if low and max(img.size) > LOW_DETAIL_SIDE:  # OpenAI's detail "low": a small image
+        img.thumbnail((LOW_DETAIL_SIDE, LOW_DETAIL_SIDE))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-async def load_images(lm: LoadedModel, model: str, refs: list[str]) -> list[np.ndarray]:
+async def load_images(lm: LoadedModel, model: str, refs: list[tuple[str, bool]]
+                      ) -> list[np.ndarray]:
     """The request's images as uint8 [H, W, 3] arrays, in order; every failure is a client
     error naming the image."""
     opts = check_model(lm, model, len(refs))
     max_bytes = int(opts.get("max_image_bytes") or image_mod.MAX_INPUT_BYTES)
     max_pixels = int(opts.get("max_image_pixels") or image_mod.MAX_INPUT_PIXELS)
-    sources = [await _source(r, i, opts, max_bytes) for i, r in enumerate(refs)]
+    sources = [await _source(url, i, opts, max_bytes) for i, (url, _low) in enumerate(refs)]
 
     def decode_all() -> list[np.ndarray]:
-        return [_decode(s, i, max_bytes, max_pixels) for i, s in enumerate(sources)]
+        return [_decode(s, i, max_bytes, max_pixels, refs[i][1])
+                for i, s in enumerate(sources)]
 
     try:
         return await asyncio.to_thread(decode_all)
@@ -126,9 +125,9 @@ async def load_images(lm: LoadedModel, model: str, refs: list[str]) -> list[np.n
         raise
 
 
-def image_tokens(lm: LoadedModel) -> int:
+def image_tokens(folder: Path) -> int:
     """About how many prompt tokens an image takes, from the model's config.json (LLaVA's
     image_seq_length); 0 when it does not say (the engine's own count is exact)."""
-    config = read_json(lm.entry.path / "config.json")
+    config = read_json(folder / "config.json")
     n = config.get("image_seq_length") or config.get("num_image_tokens") or 0
     return int(n) if isinstance(n, int) and n > 0 else 0
