@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+
+from ovms_plugin import osutil
 
 PLUGIN_NAME = "ovms-plugin"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -15,11 +16,7 @@ def aog_data_dir() -> Path:
     the environment variable AOG_DATA_DIR overrides it."""
     if env := os.environ.get("AOG_DATA_DIR"):
         return Path(env).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / "AOG"
-    if sys.platform == "win32":
-        return Path(os.environ.get("APPDATA", Path.home())) / "AOG"
-    return Path("/var/lib/aog")
+    return osutil.aog_data_dir()
 
 
 def plugin_data_dir() -> Path:
@@ -30,9 +27,15 @@ def plugin_data_dir() -> Path:
 
 
 def models_dir() -> Path:
-    """The model store (OVMS_PLUGIN_MODELS overrides it; so does --models-dir)."""
+    """The model store (OVMS_PLUGIN_MODELS overrides it; so does --models-dir). On Windows
+    under %LOCALAPPDATA%\\AOG (gigabytes must not roam with the profile), unless
+    OVMS_PLUGIN_HOME or AOG_DATA_DIR moves the plugin's data."""
     if env := os.environ.get("OVMS_PLUGIN_MODELS"):
         return Path(env).expanduser()
+    local = osutil.local_data_dir()
+    if local is not None and not os.environ.get("OVMS_PLUGIN_HOME") \
+            and not os.environ.get("AOG_DATA_DIR"):
+        return local / "engine" / PLUGIN_NAME / "models"
     return plugin_data_dir() / "models"
 
 
@@ -57,8 +60,6 @@ def manifest_path() -> Path:
 
 def cache_dir() -> Path:
     """Downloads and models made for the demo and the tests, outside the model store:
-    $XDG_CACHE_HOME/ovms-plugin (Windows: %LOCALAPPDATA%\\ovms-plugin\\cache)."""
-    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
-        return Path(os.environ["LOCALAPPDATA"]) / PLUGIN_NAME / "cache"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / PLUGIN_NAME
+    $XDG_CACHE_HOME/ovms-plugin or ~/.cache/ovms-plugin (Windows:
+    %LOCALAPPDATA%\\ovms-plugin; macOS: ~/Library/Caches/ovms-plugin)."""
+    return osutil.cache_base_dir() / PLUGIN_NAME

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from ovms_plugin import paths
+from ovms_plugin.osutil import available_memory_bytes, physical_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -499,14 +500,8 @@ def reload() -> Settings | None:
 def reload_on_sighup(loop: Any) -> bool:
     """Wires SIGHUP to reload() on an asyncio loop, where the platform has it (not on
     Windows) and the loop is the main thread's; returns whether it did."""
-    import signal
-    if not hasattr(signal, "SIGHUP"):
-        return False
-    try:
-        loop.add_signal_handler(signal.SIGHUP, reload)
-    except (NotImplementedError, RuntimeError, ValueError):
-        return False
-    return True
+    from ovms_plugin.osutil import on_reload_signal
+    return on_reload_signal(loop, reload)
 
 
 def _settings(data: dict | None) -> Settings:
@@ -526,18 +521,6 @@ class ModelSettings:
     # dataclass (kinds/*.py, e.g. EmbedOptions): only the keys set, so the engines'
     # defaults and the model's own config (sentence-transformers pooling) fill the rest.
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS could give us now (MemAvailable), without psutil."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def compile_cache(data: dict | None = None) -> tuple[str, int]:
@@ -568,10 +551,6 @@ def idle_unload_seconds(data: dict | None = None) -> float:
         except ValueError:
             raise SettingsError(f"idle_unload_seconds must be a number, got {env!r}") from None
     return _settings(data).idle_unload_seconds
-
-
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_budget_bytes(data: dict | None = None) -> int:

@@ -104,3 +104,21 @@ def test_busy_requests_are_refused_clearly(start_host, plugin_home: Path, tmp_pa
         c.cancel()
     assert wait_for(lambda: host.invoke("chat", {**body, "stream": False, "max_tokens": 2})
                     .code == 0, timeout=20)
+
+
+def test_workers_on_the_loopback_transport(start_host):
+    """Windows' engine channel (loopback TCP and a one-time token), run here: the worker
+    connects, serves a streamed chat, and still dies with a killed plugin."""
+    host = start_host(OVMS_PLUGIN_ENGINE_TRANSPORT="loopback")
+    assert host.json_call("LoadModel", {"model": CHAT}).code == 0
+    [worker] = descendants(host.proc.pid)
+    with open(f"/proc/{worker}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    assert b"--connect" in args and b"--fd" not in args
+    chunks = list(host.invoke_stream("chat", {
+        "model": CHAT, "stream": True, "max_tokens": 8, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    assert chunks[-1].is_final and chunks[-1].code == 0, chunks[-1].message
+    os.kill(host.proc.pid, signal.SIGKILL)
+    host.proc.wait(timeout=10)
+    assert wait_for(lambda: not pid_alive(worker), timeout=10)

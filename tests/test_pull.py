@@ -439,6 +439,22 @@ def test_a_hostile_file_list_is_refused_before_anything_is_written(
     assert_clean(store)
 
 
+@pytest.mark.parametrize("bad", ["nul", "sub/CON.json", "model.bin:hidden", "a?.txt",
+                                 "trailing."])
+def test_a_file_list_windows_cannot_hold_is_refused_everywhere(
+        store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        test_models: dict[str, Path], bad: str):
+    """Device names, ':' (an NTFS alternate data stream), wildcards and trailing dots are
+    refused on every system, so a store never holds what it could not hold on Windows."""
+    with HubServer() as server:
+        server.add_repo("evil/chat-ov", test_models["tiny-chat"], extra_files={bad: b"x"})
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        with pytest.raises(StoreError, match="Windows cannot hold"):
+            do_pull(store, "evil/chat-ov")
+        assert sum(server.bytes_sent.values()) == 0
+    assert_clean(store)
+
+
 @pytest.mark.parametrize("status, needle", [(401, "HF_TOKEN"), (403, "HF_TOKEN"),
                                             (404, "missing from")])
 def test_permanent_refusals_fail_at_once(hub: HubServer, store: ModelStore, status: int,
@@ -546,7 +562,7 @@ def wait_for_path(root: Path, pattern: str, timeout: float = 20.0) -> bool:
 
 @pytest.mark.parametrize("name, why", [
     ("org--x", "no '--'"), ("CON", "device name"), ("org/nul.txt", "device name"),
-    ("a" * 120 + "/" + "b" * 120, "at most 200"), ("x.", "end with '.'"),
+    ("a" * 120 + "/" + "b" * 120, "at most 200"), ("x.", "ends with a dot"),
 ])
 def test_one_name_one_folder(hub: HubServer, store: ModelStore, name: str, why: str):
     with pytest.raises(StoreError, match=why):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
-import select
-import signal
+import queue
 import subprocess
 import sys
 import threading
@@ -26,18 +24,13 @@ import yaml
 from ovms_plugin.aog.proto import go_plugin_pb2, go_plugin_pb2_grpc
 from ovms_plugin.aog.proto import provider_pb2 as pb
 from ovms_plugin.aog.proto import provider_pb2_grpc as pb_grpc
+from ovms_plugin.osutil import aog_platform
 
 HANDSHAKE_TIMEOUT = 10.0
 
 
 class HostError(Exception):
     pass
-
-
-def platform_key() -> str:
-    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        platform.machine().lower(), platform.machine().lower())
-    return f"{sys.platform if sys.platform != 'win32' else 'windows'}_{machine}"
 
 
 class AogHost:
@@ -60,7 +53,7 @@ class AogHost:
         manifest = yaml.safe_load((self.plugin_dir / "plugin.yaml").read_text())
         if manifest["provider"]["name"] != self.plugin_dir.name:
             raise HostError("the plugin folder name must equal provider.name")
-        exe = self.plugin_dir / manifest["platforms"][platform_key()]["executable"]
+        exe = self.plugin_dir / manifest["platforms"][aog_platform()]["executable"]
         os.chmod(exe, 0o755)
         env = {**os.environ, "AOG_PLUGIN": "aog-provider-plugin-v1",
                "PLUGIN_PROTOCOL_VERSIONS": "1", "PLUGIN_MIN_PORT": "10000",
@@ -93,21 +86,23 @@ class AogHost:
         return self
 
     def _read_handshake(self, started: float) -> str:
+        """The first stdout line, within the handshake timeout (a thread reads it: select()
+        cannot wait on a pipe on Windows)."""
         assert self.proc and self.proc.stdout
-        fd = self.proc.stdout.fileno()
-        buf = b""
-        while b"\n" not in buf:
-            left = HANDSHAKE_TIMEOUT - (time.monotonic() - started)
-            ready, _, _ = select.select([fd], [], [], max(0.0, left))
-            chunk = os.read(fd, 4096) if ready else b""
-            if not chunk:
-                err = self.proc.stderr.read1(65536).decode(errors="replace") \
-                    if self.proc.poll() is not None else ""
-                self.kill()
-                raise HostError("no handshake line from the plugin within "
-                                f"{HANDSHAKE_TIMEOUT:.0f}s: {err.strip()[-2000:]}")
-            buf += chunk
-        return buf.split(b"\n", 1)[0].decode().strip()
+        stdout = self.proc.stdout
+        box: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        threading.Thread(target=lambda: box.put(stdout.readline()), daemon=True).start()
+        try:
+            line = box.get(timeout=max(0.0, HANDSHAKE_TIMEOUT - (time.monotonic() - started)))
+        except queue.Empty:
+            line = b""
+        if not line.endswith(b"\n"):
+            err = self.proc.stderr.read1(65536).decode(errors="replace") \
+                if self.proc.poll() is not None and self.proc.stderr else ""
+            self.kill()
+            raise HostError("no handshake line from the plugin within "
+                            f"{HANDSHAKE_TIMEOUT:.0f}s: {err.strip()[-2000:]}")
+        return line.decode().strip()
 
     def _drain(self, stream: Any, keep: bool) -> None:
         for raw in iter(stream.readline, b""):
@@ -178,7 +173,7 @@ class AogHost:
         try:
             self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait()
         for t in self._drains:
             t.join(eof_timeout)

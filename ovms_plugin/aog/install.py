@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform as _platform
 import shlex
 import shutil
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from ovms_plugin import paths
+from ovms_plugin.osutil import aog_platform
 
 SH_LAUNCHER = """#!/bin/sh
 # Written by 'python -m ovms_plugin install-aog'. AOG runs this with no arguments and the
@@ -76,11 +76,7 @@ class InstallError(ValueError):
 
 def running_platform() -> str:
     """AOG's <goos>_<goarch> name for this machine, e.g. linux_amd64, windows_amd64."""
-    goos = {"win32": "windows", "cygwin": "windows"}.get(sys.platform, sys.platform)
-    machine = _platform.machine().lower()
-    goarch = {"x86_64": "amd64", "amd64": "amd64", "x64": "amd64",
-              "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
-    return f"{goos}_{goarch}"
+    return aog_platform()
 
 
 def install(plugins_dir: Path | None = None, models_dir: Path | str | None = None,

@@ -17,14 +17,13 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import sys
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ovms_plugin import engine_check, paths
+from ovms_plugin import engine_check, osutil, paths
 from ovms_plugin.aog import servicer
 from ovms_plugin.aog.proto import go_plugin_pb2, go_plugin_pb2_grpc
 from ovms_plugin.service.runtime import Runtime
@@ -156,7 +155,9 @@ async def serve(models_dir: Path | None = None, env: dict[str, str] | None = Non
 
     loop = asyncio.get_running_loop()
     loop.run_in_executor(None, gc_quietly, runtime.store)  # leftovers of killed pulls
-    loop.add_signal_handler(signal.SIGTERM, shutdown.set)
+    # SIGTERM on POSIX; on Windows only GRPCController/Shutdown (TerminateProcess cannot be
+    # caught, and Ctrl-C/Ctrl-Break are AOG's: ignored in main()).
+    osutil.on_stop_signals(loop, shutdown.set, ("SIGTERM",))
     from ovms_plugin import settings
     settings.reload_on_sighup(loop)  # `kill -HUP` reads settings.yaml again at once
     # Import OpenVINO now, in the background, so the first real call does not pay for it.
@@ -201,7 +202,7 @@ def main(models_dir: Path | None = None) -> int:
         sys.stderr.write(f"{e}\n")
         return 1
     # Ctrl-C in AOG's terminal reaches the whole process group; AOG handles it for us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    osutil.ignore_interrupts()
     from ovms_plugin.logs import setup_logging
     setup_logging()
     return asyncio.run(serve(models_dir))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ovms_plugin.osutil import rss_bytes
+
 log = logging.getLogger(__name__)
 
 START_SECONDS = 180.0  # a server that is not answering /health by then failed to start
@@ -138,17 +140,6 @@ def plugin_worker_rss(url: str, model: str) -> int | None:
     return int(float(m.group(1))) if m else None
 
 
-def process_rss(pid: int) -> int | None:
-    """A process's resident memory where /proc tells it (Linux); None elsewhere."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 @contextlib.contextmanager
 def plugin_server(models_dir: Path, model: str, env: dict[str, str]) -> Iterator[Running]:
     """`python -m ovms_plugin serve` on loopback with the model loaded; yields its URL."""
@@ -183,7 +174,7 @@ def llama_server(binary: Path, gguf: Path, *, slots: int, prompt_tokens: int,
                                    prompt_tokens=prompt_tokens, max_tokens=max_tokens)
     server = Server("llama-server", command, port=port).wait_ready()
     try:
-        yield Running(server.url, lambda: process_rss(server.proc.pid))
+        yield Running(server.url, lambda: rss_bytes(server.proc.pid))
     finally:
         server.stop()
 

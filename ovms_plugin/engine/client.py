@@ -4,8 +4,8 @@ step's outputs to the waiting coroutines, and notices when the worker dies.
 Every loaded model has one EngineClient; protocol adapters never talk to workers directly.
 
 The watchdog: while a worker has requests in flight (or is loading), any message from it
-(outputs, metrics, heartbeats) or CPU time it spends (read from /proc on Linux: a long
-step that holds the GIL sends nothing, but computes) counts as progress. A worker with no
+(outputs, metrics, heartbeats) or CPU time it spends (osutil.proc_state: a long step that
+holds the GIL sends nothing, but computes) counts as progress. A worker with no
 progress for `engine_stall_seconds` (settings; five times that while loading), or one
 stopped (SIGSTOP) that long even when idle, is reported in the log, its requests fail with
 "stopped responding ... being restarted" (code 14, HTTP 503), and it is killed; the runtime's
@@ -19,7 +19,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ovms_plugin import settings
+from ovms_plugin import osutil, settings
 from ovms_plugin.engine import ipc
 from ovms_plugin.engine.protocol import EngineFailure, FailureKind
 
@@ -55,18 +54,6 @@ class Output:
 
 
 LOAD_STALL_FACTOR = 5  # a loading worker gets this many stall limits (compiling is slow)
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_state(pid: int) -> tuple[str, float] | None:
-    """(state letter, CPU seconds of all its threads) of a process, from /proc on Linux;
-    None elsewhere or when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[0].decode(), (int(fields[11]) + int(fields[12])) / _CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _stall_limit(kind: str, name: str) -> float:
@@ -123,30 +110,43 @@ class EngineClient:
 
     async def start(self) -> dict[str, Any]:
         """Starts the worker and waits until its pipeline is loaded."""
-        parent, child = socket.socketpair()
+        channel = osutil.engine_channel()
         beat = self._tick() if self.stall_seconds > 0 else 0.0
         try:
             # Spawned from the event loop's (main) thread: the worker's parent-death signal
             # fires when the thread that forked it ends.
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ovms_plugin.engine.worker",
-                "--fd", str(child.fileno()), "--kind", self.kind,
-                "--model-dir", str(self.model_dir), "--config", json.dumps(self.config),
-                "--parent-pid", str(os.getpid()), "--name", self.name, "--beat", str(beat),
-                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                sys.executable, "-m", "ovms_plugin.engine.worker", *channel.child_args,
+                "--kind", self.kind, "--model-dir", str(self.model_dir),
+                "--config", json.dumps(self.config), "--parent-pid", str(os.getpid()),
+                "--name", self.name, "--beat", str(beat),
+                env={**os.environ, **channel.env} if channel.env else None,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, **channel.popen_kwargs,
+                **osutil.child_popen_kwargs())
+        except BaseException:
+            channel.close()
+            raise
         finally:
-            child.close()
+            channel.started()
+        try:
+            osutil.tie_to_plugin(self.proc.pid)
+        except OSError as e:  # Windows only; the channel's EOF still ends the worker
+            log.warning("model %s: the engine worker could not join the plugin's job object "
+                        "(%s); it may outlive a plugin that is killed", self.name, e)
         self._tasks.append(asyncio.create_task(self._relay_stderr()))
         self.loading = True
         self._last_sign = time.monotonic()
         if self.stall_seconds > 0:
             self._watch_task = asyncio.create_task(self._watch())
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         try:
+            sock = await channel.connected(self.proc.wait())
+            reader, self._writer = await asyncio.open_connection(sock=sock)
             while (msg := await ipc.read(reader))[0] == "beat":
                 self._last_sign = time.monotonic()
         except (asyncio.IncompleteReadError, ConnectionError):
+            if self.proc.returncode is None:  # it never connected
+                self.proc.kill()
             code = await self.proc.wait()
             self._stop_watch()
             self.dead_reason = self.dead_reason or \
@@ -221,7 +221,7 @@ class EngineClient:
         assert self.proc is not None
         proc, tick = self.proc, self._tick()
         last_tick = time.monotonic()
-        prev = proc_state(proc.pid)
+        prev = osutil.proc_state(proc.pid)
         stopped_since: float | None = None
         while proc.returncode is None and self.dead_reason is None and not self.stopping:
             await asyncio.sleep(tick)
@@ -231,13 +231,13 @@ class EngineClient:
                 self._last_sign = now
                 stopped_since = None
             last_tick = now
-            state = proc_state(proc.pid)
-            stopped = state is not None and state[0] in "Tt"
+            state = osutil.proc_state(proc.pid)
+            stopped = state is not None and state.stopped
             if stopped:
                 stopped_since = stopped_since or now
             else:
                 stopped_since = None
-                if state and prev and state[1] - prev[1] >= 0.05 * tick:
+                if state and prev and state.cpu_seconds - prev.cpu_seconds >= 0.05 * tick:
                     self._last_sign = now  # computing: a long step, not a hang
             prev = state
             limit = self.stall_seconds * (LOAD_STALL_FACTOR if self.loading else 1)

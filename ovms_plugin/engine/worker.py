@@ -1,10 +1,13 @@
 """Engine worker process: owns one OpenVINO pipeline and runs its loop.
 
 Started by the front end (engine.client) as
-    python -m ovms_plugin.engine.worker --fd N --kind KIND --model-dir DIR --config JSON
+    python -m ovms_plugin.engine.worker (--fd N | --connect HOST:PORT) --kind KIND
+        --model-dir DIR --config JSON
 with stdout on /dev/null and stderr on a pipe the front end reads, never the plugin's own
 stdout/stderr (AOG's shutdown waits for EOF on those). It dies with its parent: a
-parent-death signal, and EOF on the engine socket.
+parent-death signal (Linux), the plugin's job object (Windows), and EOF on the engine
+socket (everywhere). The socket is an inherited descriptor (--fd) on POSIX, or a loopback
+connection that proves itself with a one-time token (--connect) on Windows (osutil).
 
 While it has work, a heartbeat thread tells the front end it is alive when the loop went
 quiet (a prefill chunk gives no tokens, an image's last phase no step) but is still making
@@ -20,7 +23,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from ovms_plugin import osutil
 from ovms_plugin.engine import ipc
 from ovms_plugin.engine.protocol import FailureKind, StepOutput, failed
 from ovms_plugin.logs import setup_logging
@@ -171,7 +174,10 @@ def serve(engine: Engine, send: _Sender, inbox: queue.SimpleQueue,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fd", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--fd", type=int, help="the inherited socket (POSIX)")
+    where.add_argument("--connect", help="HOST:PORT to connect to, with the token from the "
+                       f"environment ({osutil.TOKEN_ENV})")
     parser.add_argument("--kind", required=True)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--config", default="{}")
@@ -181,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="heartbeat interval in seconds while busy (0: none)")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in AOG's terminal is not for us
+    osutil.ignore_interrupts()  # Ctrl-C in AOG's terminal is not for us
     setup_logging(prefix=f"worker[{args.name or args.model_dir.name}] ")
-    sock = socket.socket(fileno=args.fd)
+    sock = osutil.connect_engine_channel(args.fd, args.connect)
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     engine_ref: list = []
     send = _Sender(sock)

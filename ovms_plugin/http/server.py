@@ -41,7 +41,6 @@ import errno
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Iterable, Sequence
@@ -49,7 +48,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ovms_plugin import paths, settings
+from ovms_plugin import osutil, paths, settings
 from ovms_plugin.http import cors, ops, routes_aog, routes_ollama, routes_openai
 from ovms_plugin.http.common import BODY_TIMEOUT, RUNTIME, STATE, ServerState
 from ovms_plugin.service.errors import ServiceError
@@ -186,13 +185,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            signals.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
+    signals = osutil.on_stop_signals(loop, stop.set)  # none outside the main thread
     settings.reload_on_sighup(loop)  # `kill -HUP` reads settings.yaml again at once
     # The drain happens before aiohttp's own shutdown, which then only has stragglers to
     # cancel (a request still loading its model, a client that stopped reading).
@@ -235,8 +228,8 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
             if listening:
                 # A second SIGTERM or SIGINT during the drain cuts it short.
                 drain = asyncio.create_task(_drain(runner, runtime, state, drain_seconds))
-                for sig in signals:
-                    loop.add_signal_handler(sig, drain.cancel)
+                if signals:
+                    osutil.on_stop_signals(loop, drain.cancel)
                 try:
                     await drain
                 except asyncio.CancelledError:
@@ -244,8 +237,7 @@ async def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                         raise
                     log.warning("shutting down at once: the drain was interrupted")
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
+            osutil.clear_signals(loop, signals)
             try:
                 await runner.cleanup()
             finally:

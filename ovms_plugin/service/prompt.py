@@ -5,6 +5,7 @@ prompts in a helper process, so the front end's event loop never waits on them."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -15,6 +16,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ovms_plugin import osutil
 from ovms_plugin.service.tools.reasoning import opens_in_prompt
 
 if TYPE_CHECKING:
@@ -162,7 +164,10 @@ class _PromptHelper:
                     self.proc = await asyncio.create_subprocess_exec(
                         sys.executable, "-c", "from ovms_plugin.service.prompt import "
                         "_prompt_helper_main as m; m()", str(os.getpid()),
-                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                        **osutil.child_popen_kwargs())
+                    with contextlib.suppress(OSError):  # its stdin's EOF still ends it
+                        osutil.tie_to_plugin(self.proc.pid)
                 except OSError as e:
                     self.closed = True
                     raise _HelperGone(f"the prompt helper could not start: {e}") from None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ovms_plugin.osutil import windows_name_problem
 from ovms_plugin.store.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ def check_remote_path(path: object, repo_id: str) -> str:
         raise StoreError(f"{repo_id} lists a file name that is not a plain relative path "
                          f"({str(path)[:200]!r}); refusing the whole repo. Check the Hub or "
                          "mirror set in HF_ENDPOINT")
+    for seg in path.split("/"):  # Windows' rules on every system: the store may meet it
+        if (why := windows_name_problem(seg)) is not None:
+            raise StoreError(f"{repo_id} lists a file name Windows cannot hold: {why[:200]}; "
+                             "refusing the whole repo")
     return path
 
 

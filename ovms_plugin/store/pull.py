@@ -13,6 +13,7 @@ then {"status": "success"}.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ovms_plugin import builtin, kinds, settings
-from ovms_plugin.osutil import file_lock, kill_group, own_group_kwargs
+from ovms_plugin.osutil import file_lock, kill_group, own_group_kwargs, tie_to_plugin
 from ovms_plugin.store import catalog, gguf, hub, ir
 from ovms_plugin.store.store import (
     MANIFEST,
@@ -679,6 +680,8 @@ def run_job(spec: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
     proc = subprocess.Popen([sys.executable, "-m", "ovms_plugin.store.job", json.dumps(spec)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **own_group_kwargs())
+    with contextlib.suppress(OSError):  # Windows: dies with the plugin (its stdin's EOF too)
+        tie_to_plugin(proc.pid)
     lines: list[str] = []
     relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)

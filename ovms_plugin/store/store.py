@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import ParseError
 
+from ovms_plugin.osutil import windows_name_problem
 from ovms_plugin.store import ir
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ def shown(value: object, limit: int = 80) -> str:
 
 
 MAX_NAME = 200  # the folder name stays well under file systems' 255
-# Names Windows reserves for devices, whatever the extension ("CON", "nul.txt", "COM1").
-_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(\..*)?$", re.IGNORECASE)
 
 
 def name_problem(name: object) -> str | None:
@@ -58,11 +57,9 @@ def name_problem(name: object) -> str | None:
         return f"at most {MAX_NAME} characters"
     if ".." in name or "--" in name:
         return "no '..' and no '--' ('org--x' is how 'org/x' is stored: call it 'org/x')"
-    for part in name.split("/"):
-        if _RESERVED.match(part):
-            return f"{part!r} is a device name on Windows"
-        if part.endswith("."):
-            return "no part may end with '.'"
+    for part in name.split("/"):  # device names, a trailing '.': Windows' rules, everywhere
+        if (why := windows_name_problem(part)) is not None:
+            return why
     return None
 
 
