@@ -57,11 +57,15 @@ def test_greedy_answers_are_unchanged_and_requests_may_tune_it(home: Path):
             assert info["prompt_lookup"] == {"num_assistant_tokens": 4, "max_ngram_size": 3}
             with pytest.raises(ServiceError, match=r"'n' above 1 .* prompt lookup"):
                 await _chat(rt, LOOKUP, n=2, temperature=0.7)
-            with pytest.raises(ServiceError, match="'num_assistant_tokens' is for "
-                               "prompt-lookup decoding, which model 'smol-plain' is not"):
+            with pytest.raises(ServiceError, match=r"'num_assistant_tokens' is for "
+                               r"speculative decoding \(prompt lookup or a draft model\), "
+                               "which model 'smol-plain' is not"):
                 await _chat(rt, PLAIN, num_assistant_tokens=3)
             with pytest.raises(ServiceError, match="'max_ngram_size' must be from 1 to 64"):
                 await _chat(rt, LOOKUP, max_ngram_size=0)
+            with pytest.raises(ServiceError, match="'assistant_confidence_threshold' is for "
+                               "decoding with a draft model, which model 'smol-lookup'"):
+                await _chat(rt, LOOKUP, assistant_confidence_threshold=0.5)
             with pytest.raises(ServiceError, match="prompt_lookup is not available on the "
                                "stateful engine"):
                 await rt.load(STATEFUL)

@@ -8,6 +8,7 @@ each request with news: a StepOutput with the new token ids and finish None, "st
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -100,6 +101,54 @@ def apply_request_config(gc: Any, p: LLMRequest) -> Any:
     return gc
 
 
+# Texts a draft model must tokenize as the model does (GenAI itself compares only the
+# length of one sentence's ids and the special tokens).
+_TOKENIZER_PROBES = (
+    "Could you please tell me something about OpenVINO.GenAI?",
+    "Hello, OpenVINO! 1 2 3 — héllo 世界 🙂",
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # circle\n",
+    "Repeat this text exactly, word for word: the quick brown fox jumps over the lazy dog.",
+)
+
+
+def check_draft_tokenizer(model_dir: Path, draft_dir: Path, draft: str) -> None:
+    """Refuses a draft model whose tokens are not the model's: the model checks the draft's
+    token ids as its own, so another vocabulary would make it accept wrong proposals or
+    waste every step. Compared: the special tokens, the ids of a few texts, and the
+    vocabulary size (the draft may not propose ids past the model's)."""
+    main, other = ov_genai.Tokenizer(str(model_dir)), ov_genai.Tokenizer(str(draft_dir))
+    fix = ("; pick a draft model of the same family, whose tokenizer is the model's "
+           "(or leave llm.draft_model out)")
+    for what in ("eos", "bos", "pad"):
+        mine, theirs = (getattr(t, f"get_{what}_token_id")() for t in (main, other))
+        if mine != theirs:
+            raise ValueError(f"draft model {draft!r} has another tokenizer: its {what} token "
+                             f"id is {theirs}, the model's {mine}{fix}")
+    for text in _TOKENIZER_PROBES:
+        mine, theirs = (t.encode(text, add_special_tokens=False).input_ids.data[0].tolist()
+                        for t in (main, other))
+        if mine != theirs:
+            raise ValueError(f"draft model {draft!r} has another tokenizer: it splits "
+                             f"{text!r} into token ids {theirs[:8]}..., the model into "
+                             f"{mine[:8]}...{fix}")
+    sizes = [_vocab_size(d) for d in (model_dir, draft_dir)]
+    if None not in sizes and sizes[1] > sizes[0]:  # type: ignore[operator]
+        raise ValueError(f"draft model {draft!r} has a vocabulary of {sizes[1]} tokens, more "
+                         f"than the model's {sizes[0]}: it could propose tokens the model "
+                         f"does not have{fix}")
+
+
+def _vocab_size(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    size = config.get("vocab_size") if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 class LLMEngine:
     def __init__(self, model_dir: Path, config: dict[str, Any]) -> None:
         sc = ov_genai.SchedulerConfig()
@@ -107,12 +156,18 @@ class LLMEngine:
             setattr(sc, key, value)
         self.scheduler = config.get("scheduler", {})
         self.device = config.get("device", "CPU")
-        # Prompt-lookup decoding: every request of such a pipeline must ask for it.
-        self.lookup: dict[str, int] | None = (config.get("speculative") or {}).get(
-            "prompt_lookup")
+        # Speculative decoding, from n-grams of the prompt or from a draft model: every
+        # request of such a pipeline must ask for it.
+        speculative = config.get("speculative") or {}
+        self.lookup: dict[str, int] | None = speculative.get("prompt_lookup")
+        self.draft: dict[str, Any] | None = speculative.get("draft")
         properties = dict(config.get("properties", {}))
         if self.lookup:
             properties["prompt_lookup"] = True
+        if self.draft:
+            check_draft_tokenizer(model_dir, Path(self.draft["path"]), self.draft["model"])
+            properties["draft_model"] = ov_genai.draft_model(
+                self.draft["path"], self.draft["device"], **self.draft["properties"])
         started = time.monotonic()
         self.pipe = ov_genai.ContinuousBatchingPipeline(
             str(model_dir), sc, self.device, properties)
@@ -134,8 +189,12 @@ class LLMEngine:
                  self.load_seconds, self.scheduler)
 
     def info(self) -> dict[str, Any]:
+        draft = None
+        if self.draft:
+            draft = {k: v for k, v in self.draft.items() if k in (
+                "model", "device", "num_assistant_tokens", "assistant_confidence_threshold")}
         return {"device": self.device, "scheduler": self.scheduler, "prompt_lookup": self.lookup,
-                "vision": self.vision, "load_seconds": round(self.load_seconds, 3),
+                "draft": draft, "vision": self.vision, "load_seconds": round(self.load_seconds, 3),
                 "openvino": ov.get_version()}
 
     def add(self, req_id: int, payload: LLMRequest) -> None:
@@ -144,6 +203,16 @@ class LLMEngine:
             gc.num_assistant_tokens = int(payload.num_assistant_tokens
                                           or self.lookup["num_assistant_tokens"])
             gc.max_ngram_size = int(payload.max_ngram_size or self.lookup["max_ngram_size"])
+        if self.draft:  # a fixed number of proposals or a confidence, the request's first
+            threshold = payload.assistant_confidence_threshold
+            tokens = payload.num_assistant_tokens
+            if threshold is None and tokens is None:
+                threshold = self.draft.get("assistant_confidence_threshold")
+                tokens = self.draft.get("num_assistant_tokens")
+            if threshold is not None:
+                gc.assistant_confidence_threshold = float(threshold)
+            else:
+                gc.num_assistant_tokens = int(tokens)
         if self.vision and payload.images is None:
             raise ValueError("a vision model's requests carry their prompt as text")
         if payload.images is not None:

@@ -33,9 +33,11 @@ class LLMRequest:
     logprobs: bool = False  # each new token's log-probability along with it
     # Constrained decoding (XGrammar): ("json_schema", schema text) or ("regex", pattern).
     structured: tuple[str, str] | None = None
-    # Prompt lookup, on engines set up for it (None: the model's settings).
+    # Speculative decoding, on engines set up for it (None: the model's settings): prompt
+    # lookup takes the first two, a draft model the first or the third.
     num_assistant_tokens: int | None = None
     max_ngram_size: int | None = None
+    assistant_confidence_threshold: float | None = None
     # Vision: the rendered prompt as text, its images (uint8 [H, W, 3] arrays) in the order
     # of their <ov_genai_image_N> tags, and the prompt's estimated token count (`ids` is
     # then empty: the engine's own processor tokenizes the text and embeds the images).

@@ -10,6 +10,7 @@ OpenAI objects.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ovms_plugin import settings as settings_mod
-from ovms_plugin.engine.requests import LLMRequest  # noqa: F401 (this kind's)
+from ovms_plugin.engine.requests import VISION_MODEL, LLMRequest  # noqa: F401 (LLMRequest: this kind's)
 from ovms_plugin.kinds import llm_kv
 from ovms_plugin.kinds.base import Kind, Service, StreamChunk, ValidationError
 from ovms_plugin.service import detok, generation, text, tools
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from ovms_plugin.service.runtime import LoadedModel, Runtime
     from ovms_plugin.settings import ModelSettings
     from ovms_plugin.store.store import ModelEntry
+
+log = logging.getLogger(__name__)
 
 SAMPLE = "Hello, OpenVINO! 1 2 3 — héllo 世界"
 SMALL_MODEL_BYTES = 2**30  # weights up to this compute in f32 on CPU (compile_properties)
@@ -136,6 +139,13 @@ def export_llm_metrics(out: Exposition, model: dict[str, Any], m: dict[str, Any]
              m.get("tpot_seconds"))
 
 
+def _probability(value: Any) -> float:
+    """A number above 0 and at most 1 (ValueError("must ...") otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ValueError(f"must be a number above 0 and at most 1, like 0.4; got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class LLMOptions:
     """settings.yaml's `llm:` section (globally or in a model's), for both LLM engines."""
@@ -161,6 +171,18 @@ class LLMOptions:
         minimum=1)
     prompt_lookup_ngram: int = settings_mod.option(
         3, "prompt lookup: longest n-gram matched (a request's max_ngram_size)", minimum=1)
+    draft_model: str | None = settings_mod.option(
+        None, "speculative decoding with a draft model: the name of an installed LLM with "
+        "the same tokenizer, smaller and faster than this one (n > 1 is refused)")
+    draft_device: str | None = settings_mod.option(
+        None, "draft model: the device it runs on (default: the model's)")
+    draft_tokens: int = settings_mod.option(
+        5, "draft model: tokens proposed per step (a request's num_assistant_tokens)",
+        minimum=1)
+    draft_confidence_threshold: float | None = settings_mod.option(
+        None, "draft model: propose tokens while the draft's probability of each stays "
+        "above this, instead of draft_tokens (a request's assistant_confidence_threshold)",
+        parse=_probability)
     tool_parser: str | None = settings_mod.option(
         None, "how the model writes tool calls (default: recognised from its chat template)",
         choices=(None, *sorted(tools.PARSERS)))
@@ -252,23 +274,105 @@ class LLMKind(Kind):
             extra["speculative"] = {"prompt_lookup": {
                 "num_assistant_tokens": opts.prompt_lookup_tokens,
                 "max_ngram_size": opts.prompt_lookup_ngram}}
+        draft = self._draft(entry, device, ms, opts, set(given))
+        if draft is not None:
+            extra["speculative"] = {"draft": draft}
         if sized:
             return {"scheduler": scheduler, **extra}
         family = device.split(".")[0]
         room = max(0, min(settings_mod.available_memory_bytes(), budget_left)
                    - 2 * entry.size) // 2
+        draft_bpt = 0
+        if draft is not None:  # its own cache, as many blocks as the model's (see _draft)
+            room = max(0, room - draft["weights_bytes"])
+            shape = llm_kv.model_shape(Path(draft["path"]))
+            precision = llm_kv.precision_of(draft["properties"], draft["device"])
+            draft_bpt = llm_kv.bytes_per_token(shape, precision) if shape else 0
         try:
             kv = llm_kv.plan(entry.path, family, {**self.compile_properties(family, {}),
                                                   **ms.properties},
                              context=opts.context_length, parallel=opts.parallel,
-                             room_bytes=room)
+                             room_bytes=room, extra_bytes_per_token=draft_bpt)
         except llm_kv.KVSizeError as e:
             raise settings_mod.SettingsError(f"model {entry.name!r}: {e}") from None
         if kv is None:  # config.json does not give the shape: a bounded cache by memory
             return {"scheduler": scheduler, **extra}
         scheduler.pop("cache_size", None)
         scheduler["num_kv_blocks"] = kv.blocks
+        if draft is not None:
+            draft["kv_bytes"] = draft_bpt * kv.tokens
         return {"scheduler": scheduler, "kv": kv.as_dict(), **extra}
+
+    def _draft(self, entry: ModelEntry, device: str, ms: ModelSettings, opts: LLMOptions,
+               given: set[str]) -> dict[str, Any] | None:
+        """The draft model of speculative decoding (llm.draft_model), resolved in the same
+        store as the model and checked; None when the settings name none.
+
+        GenAI gives the draft a KV cache of its own: with the scheduler's num_kv_blocks
+        (the cache sized from the model) as many blocks as the model's, with a cache_size in
+        GB the model's split between the two by their KV widths, the draft at least 1 GB
+        (openvino-genai 2026.4, SpeculativeDecodingImpl::init_speculative_models)."""
+        where = f"model {entry.name!r}"
+        tuning = sorted({"draft_device", "draft_tokens", "draft_confidence_threshold"}
+                        & given)
+        if opts.draft_model is None:
+            if tuning:
+                raise settings_mod.SettingsError(
+                    f"{where}: llm.{tuning[0]} tunes the draft model, which is not set; set "
+                    "llm.draft_model to the name of an installed LLM, or leave it out")
+            return None
+        if opts.prompt_lookup:
+            raise settings_mod.SettingsError(
+                f"{where}: llm.prompt_lookup and llm.draft_model are two kinds of "
+                "speculative decoding, and a model decodes with one; set only one of them")
+        if "draft_tokens" in given and opts.draft_confidence_threshold is not None:
+            raise settings_mod.SettingsError(
+                f"{where}: llm.draft_tokens (a fixed number of proposed tokens) and "
+                "llm.draft_confidence_threshold (as many as the draft is sure of) exclude "
+                "each other; set one of them")
+        if opts.draft_model == entry.name:
+            raise settings_mod.SettingsError(
+                f"{where}: llm.draft_model names the model itself; a draft must be a "
+                "smaller, faster model with the same tokenizer")
+        if (entry.path / VISION_MODEL).is_file():
+            raise settings_mod.SettingsError(
+                f"{where}: llm.draft_model is not available for vision-language models; "
+                "leave it out")
+        from ovms_plugin.kinds import registry as kinds
+        from ovms_plugin.store.store import ModelStore
+        store = ModelStore(entry.path.parent)  # the store the model itself came from
+        found = store.find(opts.draft_model)
+        if found is None:
+            llms = [e.name for e in store.list() if e.name != entry.name and
+                    (k := kinds.for_task(e.task)) is not None and k.name == self.name]
+            raise settings_mod.SettingsError(
+                f"{where}: llm.draft_model {opts.draft_model!r} is not an installed model; "
+                f"installed LLMs: {', '.join(llms) or 'none'}. Pull it first, or name one "
+                "of those")
+        kind = kinds.for_task(found.task)
+        if kind is None or kind.name != self.name or not \
+                (found.path / "openvino_model.xml").is_file():
+            raise settings_mod.SettingsError(
+                f"{where}: llm.draft_model {found.name!r} is a {found.task} model"
+                f"{' (vision-language)' if (found.path / VISION_MODEL).is_file() else ''}; "
+                "a draft must be a text LLM with the same tokenizer")
+        if found.size >= entry.size:
+            log.warning("model %s: its draft model %s is not smaller (%d against %d bytes): "
+                        "speculative decoding can only slow it down", entry.name, found.name,
+                        found.size, entry.size)
+        draft_device = opts.draft_device or device
+        family = draft_device.split(".")[0]
+        properties = self.compile_properties(family, {}, found.size)
+        if draft_device == device:  # the model's own settings, on the same device
+            properties.update(ms.properties)
+        out: dict[str, Any] = {"model": found.name, "path": str(found.path),
+                               "device": draft_device, "properties": properties,
+                               "weights_bytes": found.size}
+        if opts.draft_confidence_threshold is not None:
+            out["assistant_confidence_threshold"] = opts.draft_confidence_threshold
+        else:
+            out["num_assistant_tokens"] = opts.draft_tokens
+        return out
 
     def compile_properties(self, family: str, options: dict[str, Any],
                            model_bytes: int = 0) -> dict[str, Any]:
@@ -291,9 +395,15 @@ class LLMKind(Kind):
     def memory_needed(self, entry: ModelEntry, config: dict[str, Any]) -> int:
         """The weights and kernels, plus the KV cache."""
         need = super().memory_needed(entry, config)
+        draft = (config.get("speculative") or {}).get("draft")
+        if draft is not None:
+            need += int(draft["weights_bytes"]) + int(draft.get("kv_bytes", 0))
         if "kv" in config:
             return need + int(config["kv"]["bytes"])
-        return need + int(config.get("scheduler", {}).get("cache_size", 0)) * 2**30
+        cache_gb = int(config.get("scheduler", {}).get("cache_size", 0))
+        if draft is not None and cache_gb:  # GenAI gives the draft at least 1 GB of it
+            cache_gb = max(cache_gb, 2)
+        return need + cache_gb * 2**30
 
     async def on_loaded(self, lm: LoadedModel, config: dict[str, Any]) -> None:
         if "kv" in config:  # the context the KV cache was sized for is the one served

@@ -78,20 +78,27 @@ def bytes_per_token(shape: dict[str, int], precision: str) -> int:
     return math.ceil(shape["layers"] * shape["kv_heads"] * 2 * per_head)
 
 
-def plan(model_dir: Path, family: str, properties: dict[str, Any], *, context: int | None,
-         parallel: int, room_bytes: int) -> KVPlan | None:
-    """The KV cache for this model on a device family, or None when config.json does not
-    give its shape. `room_bytes` is what the cache may take; when context × parallel does
-    not fit, the pool shrinks to what does, and below one full context so does the context
-    served (logged)."""
-    shape = model_shape(model_dir)
-    if shape is None:
-        return None
+def precision_of(properties: dict[str, Any], device: str) -> str:
+    """The KV cache precision compiled with these properties on a device (or family)."""
     precision = str(properties.get("KV_CACHE_PRECISION")
-                    or DEFAULT_PRECISION.get(family, "f16")).lower()
+                    or DEFAULT_PRECISION.get(device.split(".")[0], "f16")).lower()
     if precision not in _ELEMENT_BYTES:
         raise KVSizeError(f"KV_CACHE_PRECISION {precision!r} is not one of "
                           f"{sorted(_ELEMENT_BYTES)}")
+    return precision
+
+
+def plan(model_dir: Path, family: str, properties: dict[str, Any], *, context: int | None,
+         parallel: int, room_bytes: int, extra_bytes_per_token: int = 0) -> KVPlan | None:
+    """The KV cache for this model on a device family, or None when config.json does not
+    give its shape. `room_bytes` is what the cache may take; when context × parallel does
+    not fit, the pool shrinks to what does, and below one full context so does the context
+    served (logged). `extra_bytes_per_token`: a second cache of as many tokens shares the
+    room (a draft model's); the plan's bytes are this model's own."""
+    shape = model_shape(model_dir)
+    if shape is None:
+        return None
+    precision = precision_of(properties, family)
     trained = shape["context"]
     if context is not None and context > trained:
         raise KVSizeError(f"llm.context_length {context} is more than the {trained} tokens "
@@ -100,14 +107,15 @@ def plan(model_dir: Path, family: str, properties: dict[str, Any], *, context: i
     block = BLOCK_TOKENS.get(family, 16)
     bpt = bytes_per_token(shape, precision)
     tokens = context * parallel
-    if tokens * bpt > room_bytes:
-        tokens = max(0, room_bytes // bpt) // block * block
+    if tokens * (bpt + extra_bytes_per_token) > room_bytes:
+        tokens = max(0, room_bytes // (bpt + extra_bytes_per_token)) // block * block
         if tokens < context:
             if tokens < MIN_CONTEXT:
                 raise KVSizeError(
                     f"the memory left ({room_bytes / 2**20:.0f} MiB for the KV cache at "
-                    f"{bpt} bytes per token) holds fewer than {MIN_CONTEXT} tokens; unload "
-                    "other models, raise memory_budget, or lower llm.context_length")
+                    f"{bpt + extra_bytes_per_token} bytes per token) holds fewer than "
+                    f"{MIN_CONTEXT} tokens; unload other models, raise memory_budget, or "
+                    "lower llm.context_length")
             log.warning("the KV cache that fits holds %d tokens: serving a context of %d "
                         "instead of %d (set llm.context_length and llm.parallel, or raise "
                         "memory_budget)", tokens, tokens, context)

@@ -30,11 +30,12 @@ class StatefulLLMKind(LLMKind):
 
     def engine_config(self, entry: ModelEntry, device: str, ms: ModelSettings,
                       budget_left: int) -> dict[str, Any]:
-        if ms.options.get("llm", {}).get("prompt_lookup"):
-            from ovms_plugin.settings import SettingsError
-            raise SettingsError(f"model {entry.name!r}: llm.prompt_lookup is not available "
-                                f"on the stateful engine ({device}); turn it off for this "
-                                "model")
+        for key in ("prompt_lookup", "draft_model"):
+            if ms.options.get("llm", {}).get(key):
+                from ovms_plugin.settings import SettingsError
+                raise SettingsError(f"model {entry.name!r}: llm.{key} is not available on "
+                                    f"the stateful engine ({device}); leave it out for this "
+                                    "model")
         return {}  # no scheduler, no KV cache of its own to size
 
     def capacity(self, config: dict[str, Any]) -> int:

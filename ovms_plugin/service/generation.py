@@ -219,24 +219,39 @@ def _check_engine(lm: LoadedModel, req: TextRequest) -> None:
         raise invalid(f"'logprobs' is not supported: {where}", "logprobs")
 
 
-def _check_lookup(lm: LoadedModel, req: TextRequest) -> None:
-    """Prompt lookup is a property of the model's engine: its fields are refused
-    elsewhere, and what it cannot do is refused on it."""
-    lookup = (lm.client.config.get("speculative") or {}).get("prompt_lookup")
-    given = [k for k in ("num_assistant_tokens", "max_ngram_size") if getattr(req, k)]
-    if given and not lookup:
-        raise invalid(f"'{given[0]}' is for prompt-lookup decoding, which model "
-                      f"{req.model!r} is not set up for; leave it out, or set "
-                      "llm.prompt_lookup: true in the model's settings", given[0])
-    if lookup and req.n > 1:
+def _check_speculative(lm: LoadedModel, req: TextRequest) -> None:
+    """Speculative decoding (prompt lookup, a draft model) is a property of the model's
+    engine: a request's fields for it are refused where it is off or of the other kind, and
+    what it cannot do is refused on it."""
+    speculative = lm.client.config.get("speculative") or {}
+    lookup, draft = speculative.get("prompt_lookup"), speculative.get("draft")
+    if req.num_assistant_tokens and not (lookup or draft):
+        raise invalid(f"'num_assistant_tokens' is for speculative decoding (prompt lookup or "
+                      f"a draft model), which model {req.model!r} is not set up for; leave "
+                      "it out, or set llm.prompt_lookup: true or llm.draft_model in the "
+                      "model's settings", "num_assistant_tokens")
+    if req.max_ngram_size and not lookup:
+        how = "it decodes with a draft model (llm.draft_model)" if draft else \
+            "set llm.prompt_lookup: true in the model's settings"
+        raise invalid(f"'max_ngram_size' is for prompt-lookup decoding, which model "
+                      f"{req.model!r} is not set up for; leave it out ({how})",
+                      "max_ngram_size")
+    if req.assistant_confidence_threshold is not None and not draft:
+        how = "it decodes with prompt lookup, which proposes num_assistant_tokens" if \
+            lookup else "set llm.draft_model in the model's settings"
+        raise invalid(f"'assistant_confidence_threshold' is for decoding with a draft model, "
+                      f"which model {req.model!r} is not set up for; leave it out ({how})",
+                      "assistant_confidence_threshold")
+    if (lookup or draft) and req.n > 1:
+        how = "prompt lookup (llm.prompt_lookup)" if lookup else \
+            "a draft model (llm.draft_model)"
         raise invalid(f"'n' above 1 is not supported by model {req.model!r}: it decodes "
-                      "with prompt lookup (llm.prompt_lookup), which follows one sequence; "
-                      "send n 1", "n")
+                      f"with {how}, which follows one sequence; send n 1", "n")
 
 
 def _request(lm: LoadedModel, req: TextRequest, ids: list[int],
              n_prompt: int | None = None) -> LLMRequest:
-    _check_lookup(lm, req)
+    _check_speculative(lm, req)
     temperature = req.temperature
     f = lm.features
     if temperature is None and not (f and f.samples_by_default):
@@ -253,7 +268,8 @@ def _request(lm: LoadedModel, req: TextRequest, ids: list[int],
         top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
         min_new_tokens=req.min_tokens, n=req.n, logprobs=req.logprobs,
         structured=req.structured, num_assistant_tokens=req.num_assistant_tokens,
-        max_ngram_size=req.max_ngram_size)
+        max_ngram_size=req.max_ngram_size,
+        assistant_confidence_threshold=req.assistant_confidence_threshold)
 
 
 async def _vision_request(lm: LoadedModel, req: TextRequest, p: prompt_mod.Prompt

@@ -23,8 +23,9 @@ _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "to
            "response_format",
            # extensions of vLLM, OpenVINO Model Server and llama.cpp clients:
            "top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens",
-           # prompt-lookup decoding, on models set up for it (OpenVINO Model Server's):
-           "num_assistant_tokens", "max_ngram_size"}
+           # speculative decoding (prompt lookup, a draft model), on models set up for it
+           # (OpenVINO Model Server's):
+           "num_assistant_tokens", "max_ngram_size", "assistant_confidence_threshold"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                          "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
                          "think", "safety_identifier", "prompt_cache_key"}
@@ -74,8 +75,10 @@ class TextRequest:
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
-    num_assistant_tokens: int | None = None  # prompt lookup: tokens proposed per step
+    num_assistant_tokens: int | None = None  # speculative: tokens proposed per step
     max_ngram_size: int | None = None  # prompt lookup: longest n-gram matched
+    # draft model: propose while the draft is this sure of each token
+    assistant_confidence_threshold: float | None = None
     n: int = 1
     logprobs: bool = False
     echo: bool = False  # completions: the prompt comes back before the answer
@@ -370,6 +373,15 @@ def _sampling(req: TextRequest, body: dict) -> None:
     req.min_tokens = int_field(body, "min_tokens", 0, 1_000_000) or None
     req.num_assistant_tokens = int_field(body, "num_assistant_tokens", 1, 64)
     req.max_ngram_size = int_field(body, "max_ngram_size", 1, 64)
+    req.assistant_confidence_threshold = _number(body, "assistant_confidence_threshold", 0, 1)
+    if req.assistant_confidence_threshold == 0:
+        raise invalid("'assistant_confidence_threshold' must be greater than 0 (the draft "
+                      "proposes tokens while it is at least this sure of each), like 0.4",
+                      "assistant_confidence_threshold")
+    if req.assistant_confidence_threshold is not None and req.num_assistant_tokens:
+        raise invalid("'num_assistant_tokens' and 'assistant_confidence_threshold' exclude "
+                      "each other: the draft proposes a fixed number of tokens or as many "
+                      "as it is sure of; send one of them", "assistant_confidence_threshold")
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
