@@ -399,3 +399,17 @@ def test_aog_platform_names(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(osutil._platform, "machine", lambda: "arm64")
     monkeypatch.setattr(osutil.sys, "platform", "darwin")
     assert osutil.aog_platform() == "darwin_arm64"
+
+
+def test_only_the_platform_module_knows_the_system():
+    """What differs between Linux, macOS and Windows is asked of osutil, nowhere else."""
+    package = Path(osutil.__file__).parent
+    markers = ("sys.platform", "os.name ==", "/proc/", '"/proc', "os.sysconf", "sysconf(",
+               "add_signal_handler", "pass_fds", "killpg", "prctl", "signal.SIGKILL",
+               "signal.SIGTERM", '"LOCALAPPDATA"', '"APPDATA"')
+    offenders = [f"{path.relative_to(package.parent)}:{n}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py")) if path.name != "osutil.py"
+                 and "proto" not in path.parts
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if any(m in line for m in markers)]
+    assert not offenders, "\n".join(offenders)

@@ -107,6 +107,53 @@ def test_reinstall_replaces_atomically(tmp_path: Path, test_models: dict[str, Pa
     assert len(store.list()) == 1 and store.get("m").manifest["installed_at"] >= first
 
 
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_model_whose_files_are_held_is_left_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_on: int):
+    """Windows will not move a folder whose files a loaded model's engine has open: the
+    replace (failing at its first or second rename) and the delete say so, and the
+    installed model stays whole."""
+    import os
+
+    from ovms_plugin.store import store as store_mod
+    store = ModelStore(tmp_path / "models")
+    for version in ("v1", "v2"):
+        staged = store.staging_dir()
+        (staged / "weights.bin").write_text(version)
+        if version == "v1":
+            store.install(staged, "m", {"source": version})
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == fail_on:
+            raise PermissionError(32, "The process cannot access the file")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "rename", rename)
+    with pytest.raises(StoreError, match=r"cannot be replaced now.*Unload it"):
+        store.install(staged, "m", {"source": "v2"})
+    assert (store.folder("m") / "weights.bin").read_text() == "v1"
+    assert store.get("m").manifest["source"] == "v1"
+
+
+def test_deleting_a_model_whose_files_are_held_says_so(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    from ovms_plugin.store import store as store_mod
+    store = ModelStore(tmp_path / "models")
+    staged = store.staging_dir()
+    (staged / "weights.bin").write_text("v1")
+    store.install(staged, "m", {"source": "v1"})
+
+    def held(src, dst):
+        raise PermissionError(32, "The process cannot access the file")
+
+    monkeypatch.setattr(store_mod.os, "rename", held)
+    with pytest.raises(StoreError, match=r"cannot be deleted now.*Unload it"):
+        store.delete("m")
+    assert store.get("m").manifest["source"] == "v1"
+
+
 def test_quantization_level_and_parameter_count(tmp_path: Path):
     xml = tmp_path / "m.xml"
     xml.write_text("""<?xml version="1.0"?><net><layers>

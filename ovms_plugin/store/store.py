@@ -324,10 +324,15 @@ class ModelStore:
         _write_json(staged / MANIFEST, manifest)
         with self._lock:
             old = None
-            if target.exists():
-                old = self.root / STAGING / _owned("old")
-                os.rename(target, old)
-            os.rename(staged, target)
+            try:
+                if target.exists():
+                    old = self.root / STAGING / _owned("old")
+                    os.rename(target, old)
+                os.rename(staged, target)
+            except PermissionError:
+                if old is not None and not target.exists():
+                    os.rename(old, target)  # the installed version stays as it was
+                raise _in_use(name, "replaced") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         log.info("installed model %s at %s", name, target)
@@ -337,8 +342,19 @@ class ModelStore:
         entry = self.get(name)
         trash = self.root / STAGING / _owned("deleted")
         self._ensure()
-        os.rename(entry.path, trash)
+        try:
+            os.rename(entry.path, trash)
+        except PermissionError:
+            raise _in_use(name, "deleted") from None
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _in_use(name: str, what: str) -> StoreError:
+    """A model folder the system would not move: on Windows, one whose files a running
+    engine has open (a loaded model), or an open file browser or scanner."""
+    return StoreError(f"model {name!r} cannot be {what} now: another process has its files "
+                      "open (on Windows, a loaded model's files cannot be moved). Unload it "
+                      "(or close what holds it) and try again")
 
 
 def _owned(kind: str) -> str:
