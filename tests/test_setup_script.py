@@ -34,8 +34,9 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="runs bash and s
 def test_key_is_the_shell_formula(extras: str) -> None:
     """The formula setup.sh used before setup.py, byte for byte."""
     shell = subprocess.run(
-        ["bash", "-c", '{ cat pyproject.toml constraints.txt; echo "$1"; "$2" --version; } '
-                       "| sha256sum | cut -c1-16", "-", extras, sys.executable],
+        ["bash", "-c", 'sum=sha256sum; command -v $sum >/dev/null || sum="shasum -a 256"; '
+                       '{ cat pyproject.toml constraints.txt; echo "$1"; "$2" --version; } '
+                       "| $sum | cut -c1-16", "-", extras, sys.executable],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert len(shell) == 16
     assert setup.venv_key(ROOT, extras, setup.version_output(sys.executable)) == shell
