@@ -275,19 +275,26 @@ class LLMKind(Kind):
                 "num_assistant_tokens": opts.prompt_lookup_tokens,
                 "max_ngram_size": opts.prompt_lookup_ngram}}
         draft = self._draft(entry, device, ms, opts, set(given))
+        draft_bpt = 0
         if draft is not None:
             extra["speculative"] = {"draft": draft}
-        if sized:
-            return {"scheduler": scheduler, **extra}
+            shape = llm_kv.model_shape(Path(draft["path"]))
+            try:
+                precision = llm_kv.precision_of(draft["properties"], draft["device"])
+            except llm_kv.KVSizeError as e:
+                raise settings_mod.SettingsError(f"model {entry.name!r}: draft model: {e}") \
+                    from None
+            draft_bpt = llm_kv.bytes_per_token(shape, precision) if shape else 0
         family = device.split(".")[0]
+        if sized:
+            if draft is not None and scheduler.get("num_kv_blocks"):  # as many as the model's
+                draft["kv_bytes"] = draft_bpt * int(scheduler["num_kv_blocks"]) * \
+                    llm_kv.BLOCK_TOKENS.get(family, 16)
+            return {"scheduler": scheduler, **extra}
         room = max(0, min(settings_mod.available_memory_bytes(), budget_left)
                    - 2 * entry.size) // 2
-        draft_bpt = 0
-        if draft is not None:  # its own cache, as many blocks as the model's (see _draft)
+        if draft is not None:  # its weights, and its cache beside the model's (see _draft)
             room = max(0, room - draft["weights_bytes"])
-            shape = llm_kv.model_shape(Path(draft["path"]))
-            precision = llm_kv.precision_of(draft["properties"], draft["device"])
-            draft_bpt = llm_kv.bytes_per_token(shape, precision) if shape else 0
         try:
             kv = llm_kv.plan(entry.path, family, {**self.compile_properties(family, {}),
                                                   **ms.properties},
