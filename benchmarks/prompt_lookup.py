@@ -25,7 +25,7 @@ TASKS = {"copies_the_prompt": f"Repeat this text exactly, word for word:\n\n{TEX
          "free_generation": "Write a short story about a robot who learns to paint."}
 
 
-def _run(g: Any, pipe: Any, ids: Any, cfg: Any, rid: list[int]) -> tuple[list[int], float,
+def run_one(g: Any, pipe: Any, ids: Any, cfg: Any, rid: list[int]) -> tuple[list[int], float,
                                                                           float, int]:
     rid[0] += 1
     started = time.perf_counter()
@@ -84,14 +84,14 @@ def main() -> int:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}],
                                        add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False).input_ids
-        _run(g, plain, ids, config(False), rid)  # warm-up, both
-        _run(g, lookup, ids, config(True), rid)
+        run_one(g, plain, ids, config(False), rid)  # warm-up, both
+        run_one(g, lookup, ids, config(True), rid)
         figures: dict[str, list[float]] = {"plain": [], "lookup": []}
         same = True
         steps = {}
         for r in range(args.rounds):
             for name in (("plain", "lookup") if r % 2 == 0 else ("lookup", "plain")):
-                out, _, tpot, n_steps = _run(g, plain if name == "plain" else lookup, ids,
+                out, _, tpot, n_steps = run_one(g, plain if name == "plain" else lookup, ids,
                                              config(name == "lookup"), rid)
                 figures[name].append(round(tpot, 2))
                 steps[name] = (len(out), n_steps)

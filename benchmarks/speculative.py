@@ -17,37 +17,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-TEXT = ("The plugin loads OpenVINO models in the same process and serves chat, embeddings "
-        "and images. A model manager pulls models from a hub, converts them and installs "
-        "them atomically. Requests are batched continuously, so many users share one engine "
-        "without waiting for each other.")
-TASKS = {"copies_the_prompt": f"Repeat this text exactly, word for word:\n\n{TEXT}",
-         "free_generation": "Write a short story about a robot who learns to paint."}
-
-
-def _run(g: Any, pipe: Any, ids: Any, cfg: Any, rid: list[int]) -> tuple[list[int], float,
-                                                                          int]:
-    rid[0] += 1
-    handle = pipe.add_request(rid[0], ids, cfg)
-    out: list[int] = []
-    first = None
-    steps = 0
-    while True:
-        pipe.step()
-        steps += 1
-        if handle.can_read():
-            out += list(next(iter(handle.read().values())).generated_ids)
-            if first is None and out:
-                first = time.perf_counter()
-        if handle.get_status() != g.GenerationStatus.RUNNING:
-            break
-    assert first is not None
-    tpot = (time.perf_counter() - first) * 1000 / max(1, len(out) - 1)
-    return out, tpot, steps
+# The same workloads and step-by-step driver as the prompt-lookup benchmark (its folder is
+# on sys.path when this runs as a script).
+from prompt_lookup import TASKS, run_one
 
 
 def main() -> int:
@@ -92,7 +67,7 @@ def main() -> int:
             runs = {"plain": (plain, False), "draft": (drafted, True),
                     "draft_alone": (alone, False)}
             for pipe, assisted in runs.values():  # warm-up
-                _run(g, pipe, ids, config(assisted), rid)
+                run_one(g, pipe, ids, config(assisted), rid)
             tpots: dict[str, list[float]] = {k: [] for k in runs}
             outs: dict[str, list[int]] = {}
             steps: dict[str, list[int]] = {}
@@ -101,7 +76,7 @@ def main() -> int:
                 order = list(runs) if r % 2 == 0 else list(runs)[::-1]
                 for key in order:
                     pipe, assisted = runs[key]
-                    out, tpot, n_steps = _run(g, pipe, ids, config(assisted), rid)
+                    out, _, tpot, n_steps = run_one(g, pipe, ids, config(assisted), rid)
                     tpots[key].append(round(tpot, 2))
                     outs[key], steps[key] = out, [len(out), n_steps]
                 same = same and outs["plain"] == outs["draft"]
