@@ -12,6 +12,7 @@ broken copies, cancellation, errors, metrics."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -119,18 +120,27 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
 
+    @classmethod
+    @contextlib.contextmanager
+    def ready(cls, home: Path, args: list[str], env: dict[str, str] | None = None
+              ) -> Iterator[Server]:
+        """A server that answers /ready, stopped when the block ends."""
+        s = cls(home, args, env)
+        try:
+            assert wait_for(lambda: s.http.get("/ready").status_code == 200, 60), s.log()
+            yield s
+        finally:
+            s.stop()
+
 
 @pytest.fixture(scope="module")
 def srv(http_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     images = tmp_path_factory.mktemp("images")
-    s = Server(http_home, ["--port", "0", "--model", REAL, "--model", CHAT, "--max-body-mb", "1",
-                           "--idle-unload", "0", "--images-dir", str(images)],
-               env={"OVMS_PLUGIN_API_KEY": KEY})
-    try:
-        assert wait_for(lambda: s.http.get("/ready").status_code == 200, 60), s.log()
+    with Server.ready(http_home, ["--port", "0", "--model", REAL, "--model", CHAT,
+                                  "--max-body-mb", "1", "--idle-unload", "0",
+                                  "--images-dir", str(images)],
+                      env={"OVMS_PLUGIN_API_KEY": KEY}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def chat_body(content: str = "Hello there", **kw) -> dict:

@@ -18,7 +18,6 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from conftest import wait_for
 from PIL import Image
 from test_http import KEY, Server
 
@@ -224,12 +223,9 @@ def esrv(edit_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     sd = devmodels.ensure_models(devmodels.default_cache_dir(), [SD])[SD]
     shutil.copytree(sd, home / "models" / SD)
     shutil.copy(edit_home / "settings.yaml", home / "settings.yaml")
-    s = Server(home, ["--port", "0", "--idle-unload", "0"], env={"OVMS_PLUGIN_API_KEY": KEY})
-    try:
-        assert wait_for(lambda: s.http.get("/ready").status_code == 200, 60), s.log()
+    with Server.ready(home, ["--port", "0", "--idle-unload", "0"],
+                      env={"OVMS_PLUGIN_API_KEY": KEY}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_openai_images_edit(esrv: Server):

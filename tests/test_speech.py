@@ -359,13 +359,9 @@ def test_metrics_have_the_real_time_factor(shost: AogHost):
 
 @pytest.fixture(scope="module")
 def ssrv(speech_home: Path) -> Iterator[Server]:
-    s = Server(speech_home, ["--port", "0", "--idle-unload", "0"],
-               env={"OVMS_PLUGIN_API_KEY": KEY})
-    try:
-        assert wait_for(lambda: s.http.get("/ready").status_code == 200, 60), s.log()
+    with Server.ready(speech_home, ["--port", "0", "--idle-unload", "0"],
+                      env={"OVMS_PLUGIN_API_KEY": KEY}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_openai_transcriptions_and_translations(ssrv: Server, shost: AogHost):

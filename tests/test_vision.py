@@ -162,14 +162,9 @@ def test_refusals(vhost: AogHost, body: dict, needle: str):
 
 @pytest.fixture(scope="module")
 def vsrv(vision_home: Path) -> Iterator[Server]:
-    from conftest import wait_for
-    s = Server(vision_home, ["--port", "0", "--idle-unload", "0", "--max-body-mb", "4"],
-               env={"OVMS_PLUGIN_API_KEY": KEY})
-    try:
-        assert wait_for(lambda: s.http.get("/ready").status_code == 200, 60), s.log()
+    with Server.ready(vision_home, ["--port", "0", "--idle-unload", "0", "--max-body-mb", "4"],
+                      env={"OVMS_PLUGIN_API_KEY": KEY}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_openai_and_ollama_clients(vsrv: Server, direct):
