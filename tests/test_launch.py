@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CHAT, descendants, pid_alive, wait_for
+from conftest import CHAT, REAL, descendants, pid_alive, wait_for
 
 
 def test_install_layout(plugin_dir: Path):
@@ -107,18 +107,21 @@ def test_busy_requests_are_refused_clearly(start_host, plugin_home: Path, tmp_pa
 
 
 def test_workers_on_the_loopback_transport(start_host):
-    """Windows' engine channel (loopback TCP and a one-time token), run here: the worker
-    connects, serves a streamed chat, and still dies with a killed plugin."""
+    """Windows' engine channel (loopback TCP and a one-time token), run here on the real
+    SmolLM2: the worker connects, answers as it does over the socketpair, and still dies
+    with a killed plugin."""
     host = start_host(OVMS_PLUGIN_ENGINE_TRANSPORT="loopback")
-    assert host.json_call("LoadModel", {"model": CHAT}).code == 0
+    assert host.json_call("LoadModel", {"model": REAL}).code == 0
     [worker] = descendants(host.proc.pid)
     with open(f"/proc/{worker}/cmdline", "rb") as f:
         args = f.read().split(b"\0")
     assert b"--connect" in args and b"--fd" not in args
-    chunks = list(host.invoke_stream("chat", {
-        "model": CHAT, "stream": True, "max_tokens": 8, "ignore_eos": True,
-        "messages": [{"role": "user", "content": "hi"}]}))
-    assert chunks[-1].is_final and chunks[-1].code == 0, chunks[-1].message
+    r = host.invoke("chat", {"model": REAL, "temperature": 0, "max_tokens": 10,
+                             "messages": [{"role": "user",
+                                           "content": "What is the capital of France?"}]})
+    assert r.code == 0, r.message
+    answer = json.loads(r.response_data)["choices"][0]["message"]["content"]
+    assert answer.startswith("The capital of France is Paris.")
     os.kill(host.proc.pid, signal.SIGKILL)
     host.proc.wait(timeout=10)
     assert wait_for(lambda: not pid_alive(worker), timeout=10)
